@@ -1,0 +1,77 @@
+//! `tandem doctor`: can this host run tandem guests, and at what speed?
+
+use std::process::ExitCode;
+
+use tandem_vmm::probe::{ring0_speed, PROBE_ITERATIONS};
+use tandem_vmm::vm::{check_kvm, open_kvm, REQUIRED_CAPS};
+
+fn line(what: &str, verdict: &str) {
+    println!("  {what:<28} {verdict}");
+}
+
+pub fn main() -> ExitCode {
+    println!("tandem doctor");
+    let kvm = match open_kvm() {
+        Ok(k) => {
+            line("/dev/kvm", "ok (opened read/write)");
+            k
+        }
+        Err(e) => {
+            line("/dev/kvm", "FAILED");
+            println!("verdict: tandem cannot run here: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let max = match check_kvm(&kvm) {
+        Ok(max) => {
+            line("KVM API version", &format!("{} ok", kvm.get_api_version()));
+            let names: Vec<&str> = REQUIRED_CAPS.iter().map(|(_, n)| n.trim_start_matches("KVM_CAP_")).collect();
+            line("required capabilities", &format!("ok ({})", names.join(", ")));
+            max
+        }
+        Err(e) => {
+            line("KVM API and capabilities", "FAILED");
+            println!("verdict: tandem cannot run here: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    line("max vCPUs per VM", &max.to_string());
+    for (cap, name) in [
+        (kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, "X86_DISABLE_EXITS"),
+        (kvm_bindings::KVM_CAP_HALT_POLL, "HALT_POLL"),
+        (kvm_bindings::KVM_CAP_IOEVENTFD, "IOEVENTFD"),
+        (kvm_bindings::KVM_CAP_TSC_DEADLINE_TIMER, "TSC_DEADLINE_TIMER"),
+        (kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP"),
+    ] {
+        let v = kvm.check_extension_raw(cap.into());
+        line(&format!("optional {name}"), &if v > 0 { format!("yes ({v})") } else { "no".into() });
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        line("hint", "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)");
+    }
+    let probe = match ring0_speed(&kvm, PROBE_ITERATIONS) {
+        Ok(p) => p,
+        Err(e) => {
+            line("ring-0 speed probe", "FAILED");
+            println!("verdict: a minimal guest could not run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rate = probe.iterations_per_sec / 1e6;
+    line(
+        "ring-0 speed probe",
+        &format!("{rate:.1} M loop iterations/s in {:.3} s (hardware: ~1000 M/s)", probe.elapsed.as_secs_f64()),
+    );
+    if probe.hardware_speed() {
+        println!("verdict: ok: guest kernels run at hardware speed on this host");
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "verdict: guest kernels will NOT run at hardware speed here: this KVM emulates guest ring-0 code \
+             (about {:.0}x slower than hardware), so Linux guests will not boot in reasonable time. \
+             Run tandem inside the nested testbed instead: cargo xtask testbed -- tandem run --kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz",
+            1000.0 / rate.max(1e-3)
+        );
+        ExitCode::FAILURE
+    }
+}

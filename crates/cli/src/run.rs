@@ -1,0 +1,129 @@
+//! `tandem run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tandem_vmm::{SerialOutput, VmConfig, VmError, VmOutcome};
+
+use crate::size::parse_size;
+use crate::terminal::RawTerminal;
+use crate::EXIT_USAGE;
+
+/// The command line used when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+
+/// Exit status when the guest kernel panicked.
+pub const EXIT_GUEST_PANIC: u8 = 3;
+/// Exit status when the guest rebooted.
+pub const EXIT_GUEST_REBOOT: u8 = 4;
+/// Exit status when a vCPU failed (triple fault, KVM internal error).
+pub const EXIT_VCPU_FAILED: u8 = 5;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel image: bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
+    cpus: u8,
+    /// Guest memory: 512M, 2G, ... (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Serial console: stdio, file:PATH or none.
+    #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialOutput,
+}
+
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n <= 254 => Ok(n as u8),
+        Ok(n) => Err(format!("{n} is more than tandem's limit of 254")),
+        Err(_) => Err(format!("'{s}' is not a number")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdout),
+        "none" => Ok(SerialOutput::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOutput::File(p.into())),
+            _ => Err(format!("'{s}' is not stdio, none or file:PATH")),
+        },
+    }
+}
+
+/// Total host memory in bytes, from /proc/meminfo.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    crate::terminal::restore();
+    eprintln!("tandem: {msg}");
+    ExitCode::from(code)
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    if let Some(host) = host_memory() {
+        if args.memory > host {
+            return fail(
+                format!("--memory {} MiB is more than this host has ({} MiB)", args.memory >> 20, host >> 20),
+                EXIT_USAGE,
+            );
+        }
+    }
+    let interactive = args.serial == SerialOutput::Stdout;
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: args.cpus,
+        memory: args.memory,
+        serial: args.serial,
+        stdin: interactive,
+        escape: false,
+    };
+    // Check everything that can be checked before touching the terminal.
+    if let Err(e) = tandem_vmm::vm::open_kvm().and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm)) {
+        return fail(&e, exit_code(&e));
+    }
+    let raw = if interactive { RawTerminal::enter() } else { None };
+    let cfg = VmConfig { escape: raw.is_some(), ..cfg };
+    let outcome = tandem_vmm::run(&cfg);
+    drop(raw);
+    match outcome {
+        Ok(VmOutcome::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmOutcome::UserQuit) => {
+            eprintln!("tandem: stopped by the user (Ctrl-A x)");
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::Reboot) => fail("the guest rebooted; tandem exits on reboot (status 4)", EXIT_GUEST_REBOOT),
+        Ok(VmOutcome::Panic(reason)) => fail(format!("the guest kernel panicked: {reason}"), EXIT_GUEST_PANIC),
+        Ok(VmOutcome::VcpuFailed { vcpu, reason, registers }) => {
+            tracing::error!("vCPU {vcpu} registers: {registers}");
+            fail(format!("vCPU {vcpu} stopped: {reason} [{registers}]"), EXIT_VCPU_FAILED)
+        }
+        Err(e) => fail(&e, exit_code(&e)),
+    }
+}
+
+fn exit_code(e: &VmError) -> u8 {
+    if e.is_user_error() {
+        EXIT_USAGE
+    } else {
+        1
+    }
+}

@@ -1,0 +1,236 @@
+//! ACPI tables for a hardware-reduced x86 platform: RSDP, XSDT, FADT, DSDT and MADT.
+//!
+//! The MADT announces one local APIC per vCPU (how the guest finds its CPUs) and the IOAPIC; the
+//! FADT points the sleep-control and reset registers at [`tandem_devices::acpi_pm`], which is how
+//! a guest `poweroff` and `reboot` reach tandem; the DSDT carries the `_S5_` sleep type.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use tandem_devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, S5_SLEEP_TYPE};
+
+use crate::layout::{ACPI_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
+
+const OEM_ID: [u8; 6] = *b"TANDEM";
+const OEM_TABLE_ID: [u8; 8] = *b"TANDEMVM";
+const OEM_REVISION: u32 = 1;
+/// MADT flag: the platform also has dual 8259 PICs.
+const MADT_PCAT_COMPAT: u32 = 1;
+/// FADT IA-PC boot architecture flags: no VGA, no CMOS RTC. The i8042 flag is left clear so the
+/// guest does not probe a keyboard (tandem's i8042 exists only for its reset line).
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// Errors building the tables.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcpiError {
+    /// The tables do not fit between [`ACPI_START`] and 1 MiB.
+    #[error("ACPI tables need {0} bytes, more than the reserved area")]
+    TooLarge(usize),
+    /// Too many vCPUs for 8-bit APIC IDs.
+    #[error("{0} vCPUs do not fit xAPIC ids")]
+    TooManyCpus(usize),
+}
+
+/// The tables, laid out as one blob to be written at [`AcpiTables::base`].
+#[derive(Debug, Clone)]
+pub struct AcpiTables {
+    /// Guest address of the blob; the RSDP is at the start.
+    pub base: u64,
+    /// The bytes.
+    pub blob: Vec<u8>,
+    /// Offsets of each table in the blob, by signature.
+    pub offsets: Vec<([u8; 4], usize)>,
+}
+
+impl AcpiTables {
+    /// Guest address of the RSDP.
+    pub fn rsdp_addr(&self) -> u64 {
+        self.base
+    }
+
+    /// The table with this signature, if present.
+    pub fn table(&self, sig: &[u8; 4]) -> Option<&[u8]> {
+        let (_, off) = self.offsets.iter().find(|(s, _)| s == sig)?;
+        let len = u32::from_le_bytes(self.blob.get(off + 4..off + 8)?.try_into().ok()?) as usize;
+        self.blob.get(*off..off + len)
+    }
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// Recomputes an SDT's checksum byte (offset 9) so that all bytes sum to zero.
+fn fix_checksum(table: &mut [u8]) {
+    table[9] = 0;
+    let sum = table.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    table[9] = 0u8.wrapping_sub(sum);
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut body = Vec::new();
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]))
+        .to_aml_bytes(&mut body);
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let port = |width| GAS::new(AddressSpace::SystemIo, width, 0, AccessSize::ByteAccess, ACPI_PM_PORT.into());
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.sleep_control_reg = port(8);
+    b.sleep_status_reg = port(8);
+    b.reset_reg = port(8);
+    b.reset_value = ACPI_RESET_VALUE;
+    b.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    b.hypervisor_vendor_identity = u64::from_le_bytes(*b"TANDEMVM").into();
+    to_bytes(&b.finalize())
+}
+
+fn madt(cpus: usize) -> Vec<u8> {
+    let mut m = MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR as u32));
+    for id in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(id as u8, id as u8, EnabledStatus::Enabled));
+    }
+    // The IOAPIC id follows the CPUs' APIC ids.
+    m.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDR as u32, 0));
+    let mut bytes = to_bytes(&m);
+    bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    fix_checksum(&mut bytes);
+    bytes
+}
+
+/// Builds the tables for `cpus` vCPUs, to be placed at [`ACPI_START`].
+pub fn build(cpus: usize) -> Result<AcpiTables, AcpiError> {
+    if cpus == 0 || cpus > 254 {
+        return Err(AcpiError::TooManyCpus(cpus));
+    }
+    let base = ACPI_START;
+    let align = |n: usize| (n + 15) & !15;
+    let mut blob = vec![0u8; align(Rsdp::len())];
+    let mut offsets = Vec::new();
+    let mut push = |blob: &mut Vec<u8>, sig: [u8; 4], bytes: Vec<u8>| -> u64 {
+        let off = blob.len();
+        blob.extend_from_slice(&bytes);
+        blob.resize(align(blob.len()), 0);
+        offsets.push((sig, off));
+        base + off as u64
+    };
+    let dsdt_addr = push(&mut blob, *b"DSDT", dsdt());
+    let fadt_addr = push(&mut blob, *b"FACP", fadt(dsdt_addr));
+    let madt_addr = push(&mut blob, *b"APIC", madt(cpus));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = push(&mut blob, *b"XSDT", to_bytes(&xsdt));
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    blob[..rsdp.len()].copy_from_slice(&rsdp);
+    if base + blob.len() as u64 > HIMEM_START {
+        return Err(AcpiError::TooLarge(blob.len()));
+    }
+    Ok(AcpiTables { base, blob, offsets })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_to_zero(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn rsdp_leads_to_every_table_and_all_checksums_hold() {
+        let t = build(4).unwrap();
+        let rsdp = &t.blob[..36];
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
+        let xsdt_addr = u64_at(rsdp, 24);
+        let xsdt = t.table(b"XSDT").unwrap();
+        assert_eq!(t.base + t.offsets.iter().find(|(s, _)| s == b"XSDT").unwrap().1 as u64, xsdt_addr);
+        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        assert_eq!(entries.len(), 2);
+        for sig in [b"XSDT", b"FACP", b"APIC", b"DSDT"] {
+            let table = t.table(sig).unwrap();
+            assert_eq!(&table[..4], sig);
+            assert!(sums_to_zero(table), "{} checksum", String::from_utf8_lossy(sig));
+        }
+        for e in entries {
+            let off = (e - t.base) as usize;
+            assert!([&b"FACP"[..], b"APIC"].contains(&&t.blob[off..off + 4]));
+        }
+    }
+
+    #[test]
+    fn madt_lists_one_enabled_local_apic_per_cpu() {
+        for cpus in [1usize, 2, 4, 64] {
+            let t = build(cpus).unwrap();
+            let madt = t.table(b"APIC").unwrap();
+            assert_eq!(u32_at(madt, 36), LAPIC_ADDR as u32);
+            assert_eq!(u32_at(madt, 40), MADT_PCAT_COMPAT);
+            let (mut off, mut lapics, mut ioapics) = (44, vec![], 0);
+            while off < madt.len() {
+                let (kind, len) = (madt[off], madt[off + 1] as usize);
+                match kind {
+                    0 => {
+                        assert_eq!(u32_at(madt, off + 4), 1, "enabled");
+                        lapics.push(madt[off + 3]);
+                    }
+                    1 => {
+                        ioapics += 1;
+                        assert_eq!(u32_at(madt, off + 4), IOAPIC_ADDR as u32);
+                    }
+                    _ => panic!("unexpected MADT entry {kind}"),
+                }
+                off += len;
+            }
+            assert_eq!(lapics, (0..cpus as u8).collect::<Vec<_>>());
+            assert_eq!(ioapics, 1);
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_the_pm_port_and_the_dsdt() {
+        let t = build(1).unwrap();
+        let fadt = t.table(b"FACP").unwrap();
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        // X_DSDT at 140, reset register GAS at 116 (address at +4), sleep control GAS at 244.
+        let dsdt_off = t.offsets.iter().find(|(s, _)| s == b"DSDT").unwrap().1 as u64;
+        assert_eq!(u64_at(fadt, 140), t.base + dsdt_off);
+        assert_eq!(u64_at(fadt, 120), ACPI_PM_PORT as u64);
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+        assert_eq!(u64_at(fadt, 248), ACPI_PM_PORT as u64);
+        let dsdt = t.table(b"DSDT").unwrap();
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+    }
+
+    #[test]
+    fn cpu_count_is_bounded() {
+        assert_eq!(build(0).unwrap_err(), AcpiError::TooManyCpus(0));
+        assert_eq!(build(255).unwrap_err(), AcpiError::TooManyCpus(255));
+        assert!(build(254).is_ok());
+    }
+}

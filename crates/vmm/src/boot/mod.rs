@@ -1,0 +1,243 @@
+//! Loading a Linux kernel (bzImage or ELF vmlinux), its initramfs and command line into guest
+//! memory, and describing them in the zero page.
+
+pub mod params;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{low_ram_end, CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START};
+
+const BZIMAGE_HDR_OFFSET: u64 = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const XLF_KERNEL_64: u16 = 1;
+/// The 64-bit entry point sits this far into a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
+
+/// Errors loading the boot images.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file could not be opened or read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is neither a bzImage nor an ELF.
+    #[error("{0} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)")]
+    NotAKernel(PathBuf),
+    /// A bzImage too old to have a 64-bit entry point.
+    #[error("{0} is a bzImage without a 64-bit entry point (boot protocol too old or 32-bit kernel)")]
+    No64BitEntry(PathBuf),
+    /// The loader rejected the image.
+    #[error("cannot load kernel {path}: {source}")]
+    Load {
+        /// The path given.
+        path: PathBuf,
+        /// The loader's reason.
+        source: linux_loader::loader::Error,
+    },
+    /// The initramfs could not be opened or read.
+    #[error("cannot read initramfs {path}: {source}")]
+    InitrdRead {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Kernel and initramfs do not fit in guest memory.
+    #[error("guest memory is too small: the kernel needs memory up to {kernel_end:#x} and the initramfs {initrd_size} bytes below {limit:#x}")]
+    InitrdDoesNotFit {
+        /// End of the kernel's memory.
+        kernel_end: u64,
+        /// Size of the initramfs.
+        initrd_size: u64,
+        /// Highest address the initramfs may reach.
+        limit: u64,
+    },
+    /// The command line is too long or contains a NUL.
+    #[error("the kernel command line is invalid: {0}")]
+    Cmdline(String),
+    /// Writing to guest memory failed.
+    #[error("writing boot data to guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// The image format of a kernel file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A compressed bzImage (Linux boot protocol).
+    BzImage,
+    /// An uncompressed ELF vmlinux.
+    Elf,
+}
+
+/// A kernel in guest memory.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    /// Its format.
+    pub format: KernelFormat,
+    /// The 64-bit entry point.
+    pub entry: u64,
+    /// The bzImage's setup header (ELF kernels have none).
+    pub header: Option<setup_header>,
+    /// End of the memory the kernel occupies, including room to decompress itself.
+    pub end: u64,
+}
+
+fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+    file.seek(SeekFrom::Start(offset))?;
+    match file.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tells a bzImage from an ELF by their magic numbers.
+pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
+    let err = |source| BootError::KernelRead { path: path.to_owned(), source };
+    let mut magic = [0u8; 4];
+    if read_at(file, 0, &mut magic).map_err(err)? && &magic == ELF_MAGIC {
+        return Ok(KernelFormat::Elf);
+    }
+    if read_at(file, BZIMAGE_HDR_OFFSET, &mut magic).map_err(err)? && &magic == BZIMAGE_MAGIC {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(BootError::NotAKernel(path.to_owned()))
+}
+
+/// Opens and checks a kernel image without loading it (for early, clear errors).
+pub fn probe_kernel(path: &Path) -> Result<KernelFormat, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::KernelRead { path: path.to_owned(), source })?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(BootError::NotAKernel(path.to_owned()));
+    }
+    detect_format(&mut file, path)
+}
+
+/// Loads the kernel at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::KernelRead { path: path.to_owned(), source })?;
+    let format = detect_format(&mut file, path)?;
+    let load_err = |source| BootError::Load { path: path.to_owned(), source };
+    match format {
+        KernelFormat::BzImage => {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let hdr = r.setup_header.ok_or_else(|| BootError::NotAKernel(path.to_owned()))?;
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::No64BitEntry(path.to_owned()));
+            }
+            let load = r.kernel_load.0;
+            // The decompressor needs `init_size` bytes from where the kernel runs.
+            let run_at = load.max(hdr.pref_address);
+            let end = r.kernel_end.max(run_at.saturating_add(u64::from(hdr.init_size)));
+            Ok(LoadedKernel { format, entry: load + BZIMAGE_64BIT_ENTRY, header: Some(hdr), end })
+        }
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            Ok(LoadedKernel { format, entry: r.kernel_load.0, header: None, end: r.kernel_end })
+        }
+    }
+}
+
+/// Where an initramfs of `size` bytes goes: as high as possible below both the end of low RAM
+/// and the kernel's `initrd_addr_max`, page aligned, and above the kernel.
+pub fn initrd_placement(mem_size: u64, kernel_end: u64, addr_max: u64, size: u64) -> Result<u64, BootError> {
+    let limit = low_ram_end(mem_size).min(addr_max.saturating_add(1));
+    let no_fit = BootError::InitrdDoesNotFit { kernel_end, initrd_size: size, limit };
+    let addr = limit.checked_sub(size).ok_or(no_fit)? & !0xfff;
+    if addr < kernel_end {
+        return Err(BootError::InitrdDoesNotFit { kernel_end, initrd_size: size, limit });
+    }
+    Ok(addr)
+}
+
+/// Loads the initramfs; returns its guest address and size.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<(u64, u64), BootError> {
+    let err = |source| BootError::InitrdRead { path: path.to_owned(), source };
+    let mut file = File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::other("not a regular file")));
+    }
+    let size = meta.len();
+    let addr_max = kernel.header.map(|h| u64::from(h.initrd_addr_max)).filter(|m| *m != 0).unwrap_or(0x37ff_ffff);
+    let addr = initrd_placement(mem_size, kernel.end, addr_max, size)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    Ok((addr, size))
+}
+
+/// Writes the NUL-terminated command line; returns its length including the NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::Cmdline("it contains a NUL byte".into()));
+    }
+    let len = cmdline.len() + 1;
+    if len > CMDLINE_MAX {
+        return Err(BootError::Cmdline(format!("{len} bytes, at most {CMDLINE_MAX}")));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))?;
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(bytes: &[u8]) -> (PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("tandem-boot-test-{}-{}", std::process::id(), bytes.len()));
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        (path, f)
+    }
+
+    #[test]
+    fn formats_are_told_apart_by_magic() {
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let (p, mut f) = temp_file(&bz);
+        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::BzImage);
+        let (p, mut f) = temp_file(b"\x7fELF\x02\x01\x01");
+        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::Elf);
+        let (p, mut f) = temp_file(b"#!/bin/sh\necho not a kernel\n");
+        assert!(matches!(detect_format(&mut f, &p), Err(BootError::NotAKernel(_))));
+        let (p, mut f) = temp_file(b"");
+        assert!(matches!(detect_format(&mut f, &p), Err(BootError::NotAKernel(_))));
+    }
+
+    #[test]
+    fn initrd_goes_high_but_never_over_the_kernel_or_limits() {
+        let mem = 256 << 20;
+        let a = initrd_placement(mem, 0x400_0000, u64::from(u32::MAX), 0x10_0001).unwrap();
+        assert_eq!(a % 4096, 0);
+        assert!(a + 0x10_0001 <= mem);
+        assert!(a >= mem - 0x20_0000);
+        // initrd_addr_max lower than memory.
+        let a = initrd_placement(1 << 30, 0x400_0000, 0x0fff_ffff, 4096).unwrap();
+        assert_eq!(a, 0x1000_0000 - 4096);
+        // Too big.
+        assert!(matches!(
+            initrd_placement(64 << 20, 60 << 20, u64::from(u32::MAX), 8 << 20),
+            Err(BootError::InitrdDoesNotFit { .. })
+        ));
+        assert!(initrd_placement(1 << 20, 0, u64::from(u32::MAX), 2 << 20).is_err());
+    }
+}

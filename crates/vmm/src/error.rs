@@ -1,0 +1,94 @@
+//! Errors from building and running a VM.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::boot::BootError;
+
+/// Errors from building and running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` does not exist.
+    #[error("/dev/kvm does not exist: load the kvm module (kvm_intel or kvm_amd) or enable virtualization in the firmware")]
+    KvmMissing,
+    /// `/dev/kvm` exists but may not be opened.
+    #[error("permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root")]
+    KvmPermission,
+    /// Any other failure opening `/dev/kvm`.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(io::Error),
+    /// Unexpected KVM API version.
+    #[error("KVM API version {0} is not supported (expected 12)")]
+    KvmApi(i32),
+    /// A capability tandem needs is missing.
+    #[error("the host's KVM lacks {0}")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Too few or too many vCPUs.
+    #[error("--cpus {requested} is out of range: this host's KVM allows 1 to {max}")]
+    VcpuCount {
+        /// Requested.
+        requested: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Guest memory below the minimum.
+    #[error("guest memory of {requested} bytes is too small: at least {} MiB is needed", min >> 20)]
+    MemoryTooSmall {
+        /// Requested bytes.
+        requested: u64,
+        /// Minimum bytes.
+        min: u64,
+    },
+    /// Guest memory could not be allocated or registered.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Loading the boot images failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Building the ACPI tables failed.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] crate::acpi::AcpiError),
+    /// The serial output file could not be created.
+    #[error("cannot create serial output file {path}: {source}")]
+    SerialFile {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A device could not be set up (eventfd, epoll, thread).
+    #[error("device setup: {0}")]
+    Device(io::Error),
+    /// Two devices claimed the same addresses.
+    #[error("device bus: {0}")]
+    Bus(#[from] vm_device::bus::Error),
+}
+
+impl VmError {
+    /// Maps a kvm-ioctls error for `op`.
+    pub fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+        move |e| VmError::Kvm { op, source: io::Error::from_raw_os_error(e.errno()) }
+    }
+
+    /// Whether the error comes from what the user asked for (bad input, host not set up), as
+    /// opposed to a failure while running.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            VmError::KvmMissing
+            | VmError::KvmPermission
+            | VmError::VcpuCount { .. }
+            | VmError::MemoryTooSmall { .. }
+            | VmError::SerialFile { .. } => true,
+            VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! tandem's VM/vCPU core.
+//!
+//! - [`hypervisor`]: a thin [`hypervisor::Vcpu`] trait over KVM, so the run loop can be tested
+//!   with scripted exits;
+//! - [`exit`]: exit dispatch as a pure function; [`vcpu`]: the vCPU state machine;
+//! - [`layout`], [`boot`], [`acpi`], [`cpuid`], [`regs`]: what the guest finds at boot, each a
+//!   pure builder with unit tests;
+//! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
+#![deny(missing_docs)]
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod error;
+pub mod event_loop;
+pub mod exit;
+pub mod hypervisor;
+pub mod layout;
+pub mod probe;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::VmError;
+pub use vm::{run, SerialOutput, VmConfig, VmOutcome};

@@ -1,0 +1,130 @@
+//! The vCPU run loop: an explicit state machine driven by [`crate::exit::handle_exit`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::exit::{handle_exit, ExitAction, IoBus, VcpuStop};
+use crate::hypervisor::{HypervisorError, Vcpu};
+
+/// Where a vCPU is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Configured, not yet entered.
+    Ready,
+    /// Entering the guest and handling exits.
+    Running,
+    /// Stopped because the VMM asked it to.
+    Stopped,
+    /// Stopped for good because the guest or the hypervisor failed.
+    Failed(VcpuStop),
+}
+
+/// The final report of a vCPU.
+#[derive(Debug, Clone)]
+pub struct VcpuReport {
+    /// Its index.
+    pub index: usize,
+    /// How it ended.
+    pub state: VcpuState,
+    /// Its registers at the end, for logs.
+    pub registers: String,
+    /// How many exits it handled.
+    pub exits: u64,
+}
+
+/// Runs `vcpu` until it fails or `stop` is set (the VMM sets it, then interrupts `KVM_RUN`).
+pub fn run_loop(index: usize, vcpu: &mut dyn Vcpu, bus: &dyn IoBus, stop: &AtomicBool) -> VcpuReport {
+    let mut state = VcpuState::Ready;
+    let mut exits = 0u64;
+    loop {
+        state = match state {
+            VcpuState::Ready | VcpuState::Running if stop.load(Ordering::Acquire) => VcpuState::Stopped,
+            VcpuState::Ready | VcpuState::Running => match vcpu.run() {
+                Ok(exit) => {
+                    exits += 1;
+                    match handle_exit(exit, bus) {
+                        ExitAction::Resume | ExitAction::CheckRequests => VcpuState::Running,
+                        ExitAction::Stop(reason) => VcpuState::Failed(reason),
+                    }
+                }
+                Err(HypervisorError::Run(e)) => {
+                    VcpuState::Failed(VcpuStop::Unhandled(if e.raw_os_error() == Some(libc::EFAULT) {
+                        "KVM_RUN: bad address"
+                    } else {
+                        "KVM_RUN failed"
+                    }))
+                }
+            },
+            done @ (VcpuState::Stopped | VcpuState::Failed(_)) => {
+                return VcpuReport { index, registers: vcpu.dump_state(), state: done, exits };
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::VmExit;
+    use std::sync::Mutex;
+
+    /// A vCPU that replays a script of exits.
+    struct Scripted {
+        script: Vec<&'static str>,
+        buf: [u8; 4],
+    }
+
+    impl Vcpu for Scripted {
+        fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+            Ok(match self.script.pop() {
+                Some("out") => VmExit::IoOut(0x3f8, b"A"),
+                Some("in") => VmExit::IoIn(0x3fd, &mut self.buf[..1]),
+                Some("intr") => VmExit::Interrupted,
+                Some("shutdown") | None => VmExit::Shutdown,
+                Some(other) => panic!("bad script entry {other}"),
+            })
+        }
+        fn dump_state(&self) -> String {
+            "rip=0x1234".into()
+        }
+    }
+
+    #[derive(Default)]
+    struct Bus(Mutex<Vec<u16>>);
+    impl IoBus for Bus {
+        fn pio_read(&self, port: u16, d: &mut [u8]) -> bool {
+            self.0.lock().unwrap().push(port);
+            d.fill(0x60);
+            true
+        }
+        fn pio_write(&self, port: u16, _: &[u8]) -> bool {
+            self.0.lock().unwrap().push(port);
+            true
+        }
+        fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+            false
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn runs_until_the_guest_fails_and_reports_registers() {
+        let mut v = Scripted { script: vec!["shutdown", "intr", "in", "out"], buf: [0; 4] };
+        let bus = Bus::default();
+        let r = run_loop(1, &mut v, &bus, &AtomicBool::new(false));
+        assert_eq!(r.state, VcpuState::Failed(VcpuStop::TripleFault));
+        assert_eq!(r.exits, 4);
+        assert_eq!(r.index, 1);
+        assert_eq!(r.registers, "rip=0x1234");
+        assert_eq!(*bus.0.lock().unwrap(), vec![0x3f8, 0x3fd]);
+    }
+
+    #[test]
+    fn a_stop_request_is_honoured_before_entering_the_guest() {
+        let mut v = Scripted { script: vec!["out"], buf: [0; 4] };
+        let r = run_loop(0, &mut v, &Bus::default(), &AtomicBool::new(true));
+        assert_eq!(r.state, VcpuState::Stopped);
+        assert_eq!(r.exits, 0);
+    }
+}

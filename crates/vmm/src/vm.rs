@@ -1,0 +1,309 @@
+//! Building one VM from a [`VmConfig`] and running it to its end.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use tandem_devices::acpi_pm::ACPI_PM_PORT;
+use tandem_devices::i8042::{I8042_BASE, I8042_PORTS};
+use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
+use tandem_devices::{AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042};
+
+use crate::boot::{self, params::BootInfo};
+use crate::bus::DeviceBus;
+use crate::error::VmError;
+use crate::event_loop::{self, EventSources};
+use crate::hypervisor::kvm::KvmVcpu;
+use crate::layout;
+use crate::vcpu::{run_loop, VcpuReport};
+use crate::{acpi, cpuid, regs};
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// tandem's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere.
+    None,
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Serial console destination.
+    pub serial: SerialOutput,
+    /// Whether host stdin is forwarded to the serial console.
+    pub stdin: bool,
+    /// Whether stdin is a terminal in raw mode (enables the Ctrl-A x escape).
+    pub escape: bool,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset without a kernel panic on the console.
+    Reboot,
+    /// The guest kernel panicked (reason from the console), then reset or stopped.
+    Panic(String),
+    /// A vCPU failed: triple fault, KVM internal error, failed entry.
+    VcpuFailed {
+        /// Which vCPU.
+        vcpu: usize,
+        /// Why.
+        reason: String,
+        /// Its registers.
+        registers: String,
+    },
+    /// The user typed the Ctrl-A x escape.
+    UserQuit,
+}
+
+/// Opens `/dev/kvm` with errors a user can act on.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::KvmOpen(io::Error::from_raw_os_error(e.errno())),
+    })
+}
+
+/// Checks the host's KVM for what tandem needs; returns the maximum vCPU count.
+pub fn check_kvm(kvm: &Kvm) -> Result<usize, VmError> {
+    let api = kvm.get_api_version();
+    if api != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::KvmApi(api));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm.get_max_vcpus())
+}
+
+/// KVM capabilities tandem cannot run without, with their names for messages.
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Checks a configuration against the host before anything is built.
+pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
+    let max = check_kvm(kvm)?;
+    if cfg.vcpus == 0 || usize::from(cfg.vcpus) > max.min(254) {
+        return Err(VmError::VcpuCount { requested: cfg.vcpus.into(), max: max.min(254) });
+    }
+    if cfg.memory < layout::MIN_MEMORY {
+        return Err(VmError::MemoryTooSmall { requested: cfg.memory, min: layout::MIN_MEMORY });
+    }
+    boot::probe_kernel(&cfg.kernel)?;
+    if let Some(initrd) = &cfg.initrd {
+        File::open(initrd).map_err(|source| boot::BootError::InitrdRead { path: initrd.clone(), source })?;
+    }
+    Ok(())
+}
+
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        layout::ram_regions(size).into_iter().map(|(a, l)| (GuestAddress(a), l as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(e.to_string()))?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of it:
+        // the VM (and every vCPU) is torn down with the process, after `run` returns.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// Loads kernel, initramfs, command line, ACPI tables and the zero page; returns the entry.
+fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmError> {
+    let kernel = boot::load_kernel(mem, &cfg.kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(mem, cfg.memory, &kernel, p)?),
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
+    let tables = acpi::build(cfg.vcpus.into())?;
+    mem.write_slice(&tables.blob, GuestAddress(tables.base)).map_err(boot::BootError::from)?;
+    let e820 = layout::e820_map(cfg.memory);
+    let params = boot::params::build_boot_params(&BootInfo {
+        header: kernel.header,
+        cmdline_addr: layout::CMDLINE_ADDR,
+        cmdline_len,
+        initrd,
+        e820: &e820,
+        rsdp_addr: tables.rsdp_addr(),
+    })
+    .map_err(|e| boot::BootError::Cmdline(e.to_string()))?;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR)).map_err(boot::BootError::from)?;
+    regs::write_boot_tables(mem).map_err(boot::BootError::from)?;
+    tracing::info!(format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
+    Ok(kernel.entry)
+}
+
+fn configure_vcpu(kvm: &Kvm, fd: &VcpuFd, index: u8, count: u8, entry: u64) -> Result<(), VmError> {
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    cpuid::patch(cpuid.as_mut_slice(), index.into(), count.into());
+    fd.set_cpuid2(&cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+    let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|e| VmError::Memory(format!("MSR list: {e:?}")))?;
+    fd.set_msrs(&msrs).map_err(VmError::kvm("KVM_SET_MSRS"))?;
+    fd.set_fpu(&regs::boot_fpu()).map_err(VmError::kvm("KVM_SET_FPU"))?;
+    let mut lapic = fd.get_lapic().map_err(VmError::kvm("KVM_GET_LAPIC"))?;
+    set_lint(&mut lapic);
+    fd.set_lapic(&lapic).map_err(VmError::kvm("KVM_SET_LAPIC"))?;
+    if index == 0 {
+        let mut sregs = fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        regs::long_mode_sregs(&mut sregs);
+        fd.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&regs::boot_regs(entry)).map_err(VmError::kvm("KVM_SET_REGS"))?;
+    }
+    Ok(())
+}
+
+/// LINT0 as ExtINT (the PIC's output), LINT1 as NMI, as firmware leaves them.
+fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7;
+    const MODE_NMI: u32 = 0x4;
+    for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let bytes: Vec<u8> = lapic.regs[off..off + 4].iter().map(|b| *b as u8).collect();
+        let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let v = (v & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as _;
+        }
+    }
+}
+
+fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(io::stdout()),
+        SerialOutput::File(p) => {
+            Box::new(File::create(p).map_err(|source| VmError::SerialFile { path: p.clone(), source })?)
+        }
+        SerialOutput::None => Box::new(io::sink()),
+    })
+}
+
+/// Builds the VM described by `cfg` and runs it until the guest powers off, resets or fails.
+pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
+    let kvm = open_kvm()?;
+    validate(cfg, &kvm)?;
+    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+
+    let mem = create_memory(&vm, cfg.memory)?;
+    let entry = load_boot_images(cfg, &mem)?;
+
+    // Devices.
+    let panic = PanicRecord::default();
+    let serial_irq = EventFdTrigger::new().map_err(VmError::Device)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(VmError::kvm("KVM_IRQFD"))?;
+    let poweroff = EventFdTrigger::new().map_err(VmError::Device)?;
+    let reset = EventFdTrigger::new().map_err(VmError::Device)?;
+    let console = ConsoleWriter::new(serial_sink(&cfg.serial)?, panic.clone())
+        .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
+    let mut bus = DeviceBus::new();
+    let serial = bus.add_pio(COM1_BASE, UART_PORTS, SerialDevice::new(serial_irq, console))?;
+    bus.add_pio(I8042_BASE, I8042_PORTS, I8042::new(reset.try_clone().map_err(VmError::Device)?))?;
+    bus.add_pio(
+        ACPI_PM_PORT,
+        1,
+        AcpiPmDevice::new(poweroff.try_clone().map_err(VmError::Device)?, reset.try_clone().map_err(VmError::Device)?),
+    )?;
+    let bus = Arc::new(bus);
+
+    // vCPUs.
+    let vcpu_done = EventFdTrigger::new().map_err(VmError::Device)?;
+    let reports: Arc<Mutex<Vec<VcpuReport>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    for index in 0..cfg.vcpus {
+        let fd = vm.create_vcpu(index.into()).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
+        let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
+        let done = vcpu_done.try_clone().map_err(VmError::Device)?;
+        thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let mut vcpu = KvmVcpu::new(fd);
+                let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
+                if let Ok(mut r) = reports.lock() {
+                    r.push(report);
+                }
+                let _ = done.write(1);
+            })
+            .map_err(VmError::Device)?;
+    }
+
+    let event = event_loop::run(EventSources {
+        poweroff: &poweroff,
+        reset: &reset,
+        vcpu_done: &vcpu_done,
+        serial: &serial,
+        stdin: cfg.stdin,
+        escape: cfg.escape,
+    })?;
+    let _ = io::stdout().flush();
+    Ok(match event {
+        event_loop::LoopEnd::PowerOff => VmOutcome::PowerOff,
+        event_loop::LoopEnd::Reset => match panic.reason() {
+            Some(reason) => VmOutcome::Panic(reason),
+            None => VmOutcome::Reboot,
+        },
+        event_loop::LoopEnd::UserQuit => VmOutcome::UserQuit,
+        event_loop::LoopEnd::VcpuDone => {
+            let r = reports.lock().ok().and_then(|r| r.first().cloned());
+            match (panic.reason(), r) {
+                (Some(reason), _) => VmOutcome::Panic(reason),
+                (None, Some(r)) => VmOutcome::VcpuFailed {
+                    vcpu: r.index,
+                    reason: match r.state {
+                        crate::vcpu::VcpuState::Failed(why) => why.to_string(),
+                        other => format!("{other:?}"),
+                    },
+                    registers: r.registers,
+                },
+                (None, None) => VmOutcome::VcpuFailed { vcpu: 0, reason: "unknown".into(), registers: String::new() },
+            }
+        }
+    })
+}
