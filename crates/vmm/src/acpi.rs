@@ -12,6 +12,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use tandem_devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, S5_SLEEP_TYPE};
+use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 
 use crate::layout::{ACPI_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -74,10 +75,28 @@ fn fix_checksum(table: &mut [u8]) {
     table[9] = 0u8.wrapping_sub(sum);
 }
 
+/// COM1 as an ACPI device. In hardware-reduced mode Linux has no legacy PIC and maps no ISA
+/// IRQs by itself: the UART's interrupt reaches the IOAPIC only once a device claims it here.
+fn com1() -> Vec<u8> {
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let io = aml::IO::new(COM1_BASE, COM1_BASE, 1, UART_PORTS as u8);
+    let crs = aml::ResourceTemplate::new(vec![&irq, &io]);
+    let hid = aml::EISAName::new("PNP0501");
+    let names = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_DDN".into(), &"COM1"),
+        aml::Name::new("_CRS".into(), &crs),
+    ];
+    let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    to_bytes(&aml::Device::new("_SB_.COM1".into(), children))
+}
+
 fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]))
         .to_aml_bytes(&mut body);
+    body.extend_from_slice(&com1());
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
@@ -225,6 +244,9 @@ mod tests {
         assert_eq!(u64_at(fadt, 248), ACPI_PM_PORT as u64);
         let dsdt = t.table(b"DSDT").unwrap();
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        // COM1: PNP0501 (EISA-compressed 0x0105d041) with IRQ 4 in an extended IRQ descriptor.
+        assert!(dsdt.windows(4).any(|w| w == 0x0105_d041u32.to_le_bytes()));
+        assert!(dsdt.windows(9).any(|w| w == [0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
     }
 
     #[test]
