@@ -25,8 +25,14 @@ pub fn main() -> ExitCode {
     let max = match check_kvm(&kvm) {
         Ok(max) => {
             line("KVM API version", &format!("{} ok", kvm.get_api_version()));
-            let names: Vec<&str> = REQUIRED_CAPS.iter().map(|(_, n)| n.trim_start_matches("KVM_CAP_")).collect();
-            line("required capabilities", &format!("ok ({})", names.join(", ")));
+            let names: Vec<&str> = REQUIRED_CAPS
+                .iter()
+                .map(|(_, n)| n.trim_start_matches("KVM_CAP_"))
+                .collect();
+            line(
+                "required capabilities",
+                &format!("ok ({})", names.join(", ")),
+            );
             max
         }
         Err(e) => {
@@ -40,14 +46,27 @@ pub fn main() -> ExitCode {
         (kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, "X86_DISABLE_EXITS"),
         (kvm_bindings::KVM_CAP_HALT_POLL, "HALT_POLL"),
         (kvm_bindings::KVM_CAP_IOEVENTFD, "IOEVENTFD"),
-        (kvm_bindings::KVM_CAP_TSC_DEADLINE_TIMER, "TSC_DEADLINE_TIMER"),
+        (
+            kvm_bindings::KVM_CAP_TSC_DEADLINE_TIMER,
+            "TSC_DEADLINE_TIMER",
+        ),
         (kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP"),
     ] {
         let v = kvm.check_extension_raw(cap.into());
-        line(&format!("optional {name}"), &if v > 0 { format!("yes ({v})") } else { "no".into() });
+        line(
+            &format!("optional {name}"),
+            &if v > 0 {
+                format!("yes ({v})")
+            } else {
+                "no".into()
+            },
+        );
     }
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        line("hint", "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)");
+        line(
+            "hint",
+            "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)",
+        );
     }
     let probe = match ring0_speed(&kvm, PROBE_ITERATIONS) {
         Ok(p) => p,
@@ -60,7 +79,10 @@ pub fn main() -> ExitCode {
     let rate = probe.iterations_per_sec / 1e6;
     line(
         "ring-0 speed probe",
-        &format!("{rate:.1} M loop iterations/s in {:.3} s (hardware: ~1000 M/s)", probe.elapsed.as_secs_f64()),
+        &format!(
+            "{rate:.1} M loop iterations/s in {:.3} s (hardware: ~1000 M/s)",
+            probe.elapsed.as_secs_f64()
+        ),
     );
     if probe.hardware_speed() {
         println!("verdict: ok: guest kernels run at hardware speed on this host");

@@ -80,7 +80,11 @@ pub fn main(args: RunArgs) -> ExitCode {
     if let Some(host) = host_memory() {
         if args.memory > host {
             return fail(
-                format!("--memory {} MiB is more than this host has ({} MiB)", args.memory >> 20, host >> 20),
+                format!(
+                    "--memory {} MiB is more than this host has ({} MiB)",
+                    args.memory >> 20,
+                    host >> 20
+                ),
                 EXIT_USAGE,
             );
         }
@@ -97,11 +101,19 @@ pub fn main(args: RunArgs) -> ExitCode {
         escape: false,
     };
     // Check everything that can be checked before touching the terminal.
-    if let Err(e) = tandem_vmm::vm::open_kvm().and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm)) {
+    if let Err(e) = tandem_vmm::vm::open_kvm().and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))
+    {
         return fail(&e, exit_code(&e));
     }
-    let raw = if interactive { RawTerminal::enter() } else { None };
-    let cfg = VmConfig { escape: raw.is_some(), ..cfg };
+    let raw = if interactive {
+        RawTerminal::enter()
+    } else {
+        None
+    };
+    let cfg = VmConfig {
+        escape: raw.is_some(),
+        ..cfg
+    };
     let outcome = tandem_vmm::run(&cfg);
     drop(raw);
     match outcome {
@@ -110,12 +122,22 @@ pub fn main(args: RunArgs) -> ExitCode {
             eprintln!("tandem: stopped by the user (Ctrl-A x)");
             ExitCode::SUCCESS
         }
-        Ok(VmOutcome::Reboot) => fail("the guest rebooted; tandem exits on reboot (status 4)", EXIT_GUEST_REBOOT),
-        Ok(VmOutcome::Panic(reason)) => fail(format!("the guest kernel panicked: {reason}"), EXIT_GUEST_PANIC),
-        Ok(VmOutcome::VcpuFailed { vcpu, reason, registers }) => {
-            tracing::error!("vCPU {vcpu} registers: {registers}");
-            fail(format!("vCPU {vcpu} stopped: {reason} [{registers}]"), EXIT_VCPU_FAILED)
-        }
+        Ok(VmOutcome::Reboot) => fail(
+            "the guest rebooted; tandem exits on reboot (status 4)",
+            EXIT_GUEST_REBOOT,
+        ),
+        Ok(VmOutcome::Panic(reason)) => fail(
+            format!("the guest kernel panicked: {reason}"),
+            EXIT_GUEST_PANIC,
+        ),
+        Ok(VmOutcome::VcpuFailed {
+            vcpu,
+            reason,
+            registers,
+        }) => fail(
+            format!("vCPU {vcpu} stopped: {reason} [{registers}]"),
+            EXIT_VCPU_FAILED,
+        ),
         Err(e) => fail(&e, exit_code(&e)),
     }
 }

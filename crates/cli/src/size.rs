@@ -7,7 +7,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if digits == 0 {
         return Err(format!("'{s}' is not a size (examples: 512M, 2G)"));
     }
-    let n: u64 = t[..digits].parse().map_err(|_| format!("'{s}' is too large"))?;
+    let n: u64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("'{s}' is too large"))?;
     let unit = t[digits..].trim().to_ascii_lowercase();
     let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
         "" if unit.is_empty() => 20,
@@ -18,7 +20,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" => 40,
         _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]
@@ -37,7 +40,15 @@ mod tests {
 
     #[test]
     fn malformed_sizes_are_rejected() {
-        for bad in ["", "M", "12Q", "1.5G", "-1G", "99999999999999999999", "99999999999T"] {
+        for bad in [
+            "",
+            "M",
+            "12Q",
+            "1.5G",
+            "-1G",
+            "99999999999999999999",
+            "99999999999T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} accepted");
         }
     }

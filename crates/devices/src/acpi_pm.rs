@@ -67,17 +67,31 @@ mod tests {
 
     #[test]
     fn linux_s5_write_is_poweroff_and_reset_value_is_reset() {
-        assert_eq!(decode(SLP_EN | (S5_SLEEP_TYPE << 2)), Some(PlatformEvent::PowerOff));
+        assert_eq!(
+            decode(SLP_EN | (S5_SLEEP_TYPE << 2)),
+            Some(PlatformEvent::PowerOff)
+        );
         assert_eq!(decode(ACPI_RESET_VALUE), Some(PlatformEvent::Reset));
-        assert_eq!(decode(S5_SLEEP_TYPE << 2), None, "without SLP_EN nothing happens");
+        assert_eq!(
+            decode(S5_SLEEP_TYPE << 2),
+            None,
+            "without SLP_EN nothing happens"
+        );
         assert_eq!(decode(SLP_EN | (3 << 2)), None, "S3 is not supported");
     }
 
     #[test]
     fn writes_signal_the_right_eventfd() {
-        let (p, r) = (EventFdTrigger::new().unwrap(), EventFdTrigger::new().unwrap());
+        let (p, r) = (
+            EventFdTrigger::new().unwrap(),
+            EventFdTrigger::new().unwrap(),
+        );
         let mut dev = AcpiPmDevice::new(p.try_clone().unwrap(), r.try_clone().unwrap());
-        dev.pio_write(PioAddress(ACPI_PM_PORT), 0, &[SLP_EN | (S5_SLEEP_TYPE << 2)]);
+        dev.pio_write(
+            PioAddress(ACPI_PM_PORT),
+            0,
+            &[SLP_EN | (S5_SLEEP_TYPE << 2)],
+        );
         assert_eq!(p.read().unwrap(), 1);
         assert!(r.read().is_err(), "reset must not fire");
         dev.pio_write(PioAddress(ACPI_PM_PORT), 0, &[ACPI_RESET_VALUE]);

@@ -40,7 +40,12 @@ pub struct ConsoleWriter {
 impl ConsoleWriter {
     /// Wraps `out`; panics seen are stored in `panic`.
     pub fn new(out: Box<dyn Write + Send>, panic: PanicRecord) -> Self {
-        Self { out, line: Vec::with_capacity(MAX_LINE), panic, on_panic_end: None }
+        Self {
+            out,
+            line: Vec::with_capacity(MAX_LINE),
+            panic,
+            on_panic_end: None,
+        }
     }
 
     /// Also signals `evt` once the kernel has finished printing a panic, so the VMM can stop the
@@ -94,15 +99,20 @@ mod tests {
         let mut w = ConsoleWriter::new(Box::new(io::sink()), rec.clone());
         w.write_all(b"[ 1.0] booting\r\n[ 2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n")
             .unwrap();
-        assert_eq!(rec.reason().as_deref(), Some("VFS: Unable to mount root fs"));
+        assert_eq!(
+            rec.reason().as_deref(),
+            Some("VFS: Unable to mount root fs")
+        );
     }
 
     #[test]
     fn end_of_panic_is_signalled() {
         let rec = PanicRecord::default();
         let evt = EventFdTrigger::new().unwrap();
-        let mut w = ConsoleWriter::new(Box::new(io::sink()), rec.clone()).notify_panic_end(evt.try_clone().unwrap());
-        w.write_all(b"---[ end Kernel panic - not syncing: x ]---\n").unwrap();
+        let mut w = ConsoleWriter::new(Box::new(io::sink()), rec.clone())
+            .notify_panic_end(evt.try_clone().unwrap());
+        w.write_all(b"---[ end Kernel panic - not syncing: x ]---\n")
+            .unwrap();
         assert!(evt.read().is_err(), "no panic seen yet: no signal");
         w.write_all(b"Kernel panic - not syncing: Attempted to kill init!\n---[ end Kernel panic - not syncing: Attempted to kill init! ]---\n").unwrap();
         assert_eq!(evt.read().unwrap(), 1);

@@ -19,7 +19,9 @@ pub struct I8042 {
 impl I8042 {
     /// Creates the controller; the reset pulse writes to `reset_evt`.
     pub fn new(reset_evt: EventFdTrigger) -> Self {
-        Self { dev: I8042Device::new(reset_evt) }
+        Self {
+            dev: I8042Device::new(reset_evt),
+        }
     }
 }
 

@@ -25,7 +25,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// Creates a UART raising `irq` and writing the guest's output to `out`.
     pub fn new(irq: EventFdTrigger, out: ConsoleWriter) -> Self {
-        Self { uart: Serial::new(irq, out) }
+        Self {
+            uart: Serial::new(irq, out),
+        }
     }
 
     /// Room left in the receive FIFO.
@@ -46,7 +48,9 @@ impl SerialDevice {
 }
 
 fn offset_u8(offset: PioAddressOffset) -> Option<u8> {
-    u8::try_from(offset).ok().filter(|o| u16::from(*o) < UART_PORTS)
+    u8::try_from(offset)
+        .ok()
+        .filter(|o| u16::from(*o) < UART_PORTS)
 }
 
 impl MutDevicePio for SerialDevice {
@@ -108,7 +112,10 @@ mod tests {
     #[test]
     fn bad_access_sizes_and_offsets_are_ignored() {
         let irq = EventFdTrigger::new().unwrap();
-        let mut dev = SerialDevice::new(irq, ConsoleWriter::new(Box::new(io::sink()), PanicRecord::default()));
+        let mut dev = SerialDevice::new(
+            irq,
+            ConsoleWriter::new(Box::new(io::sink()), PanicRecord::default()),
+        );
         let mut d = [0u8; 4];
         dev.pio_read(PioAddress(COM1_BASE), 0, &mut d);
         assert_eq!(d, [0xff; 4]);

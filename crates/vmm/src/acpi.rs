@@ -6,7 +6,9 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -94,8 +96,11 @@ fn com1() -> Vec<u8> {
 
 fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
-    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]))
-        .to_aml_bytes(&mut body);
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
     body.extend_from_slice(&com1());
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
@@ -103,7 +108,15 @@ fn dsdt() -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let port = |width| GAS::new(AddressSpace::SystemIo, width, 0, AccessSize::ByteAccess, ACPI_PM_PORT.into());
+    let port = |width| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            width,
+            0,
+            AccessSize::ByteAccess,
+            ACPI_PM_PORT.into(),
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -120,9 +133,18 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 fn madt(cpus: usize) -> Vec<u8> {
-    let mut m = MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR as u32));
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR as u32),
+    );
     for id in 0..cpus {
-        m.add_structure(ProcessorLocalApic::new(id as u8, id as u8, EnabledStatus::Enabled));
+        m.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     // The IOAPIC id follows the CPUs' APIC ids.
     m.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDR as u32, 0));
@@ -160,7 +182,11 @@ pub fn build(cpus: usize) -> Result<AcpiTables, AcpiError> {
     if base + blob.len() as u64 > HIMEM_START {
         return Err(AcpiError::TooLarge(blob.len()));
     }
-    Ok(AcpiTables { base, blob, offsets })
+    Ok(AcpiTables {
+        base,
+        blob,
+        offsets,
+    })
 }
 
 #[cfg(test)]
@@ -187,13 +213,23 @@ mod tests {
         assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
         let xsdt_addr = u64_at(rsdp, 24);
         let xsdt = t.table(b"XSDT").unwrap();
-        assert_eq!(t.base + t.offsets.iter().find(|(s, _)| s == b"XSDT").unwrap().1 as u64, xsdt_addr);
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        assert_eq!(
+            t.base + t.offsets.iter().find(|(s, _)| s == b"XSDT").unwrap().1 as u64,
+            xsdt_addr
+        );
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
         assert_eq!(entries.len(), 2);
         for sig in [b"XSDT", b"FACP", b"APIC", b"DSDT"] {
             let table = t.table(sig).unwrap();
             assert_eq!(&table[..4], sig);
-            assert!(sums_to_zero(table), "{} checksum", String::from_utf8_lossy(sig));
+            assert!(
+                sums_to_zero(table),
+                "{} checksum",
+                String::from_utf8_lossy(sig)
+            );
         }
         for e in entries {
             let off = (e - t.base) as usize;
@@ -246,7 +282,9 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         // COM1: PNP0501 (EISA-compressed 0x0105d041) with IRQ 4 in an extended IRQ descriptor.
         assert!(dsdt.windows(4).any(|w| w == 0x0105_d041u32.to_le_bytes()));
-        assert!(dsdt.windows(9).any(|w| w == [0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+        assert!(dsdt
+            .windows(9)
+            .any(|w| w == [0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
     }
 
     #[test]

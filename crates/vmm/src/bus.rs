@@ -21,9 +21,15 @@ impl DeviceBus {
     }
 
     /// Registers `dev` at ports `base..base+len`.
-    pub fn add_pio<D: MutDevicePio + Send + 'static>(&mut self, base: u16, len: u16, dev: D) -> Result<Arc<Mutex<D>>, vm_device::bus::Error> {
+    pub fn add_pio<D: MutDevicePio + Send + 'static>(
+        &mut self,
+        base: u16,
+        len: u16,
+        dev: D,
+    ) -> Result<Arc<Mutex<D>>, vm_device::bus::Error> {
         let dev = Arc::new(Mutex::new(dev));
-        self.io.register_pio(PioRange::new(PioAddress(base), len)?, dev.clone())?;
+        self.io
+            .register_pio(PioRange::new(PioAddress(base), len)?, dev.clone())?;
         Ok(dev)
     }
 }

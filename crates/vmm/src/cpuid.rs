@@ -91,7 +91,13 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ebx: 0x0800, eax: 0, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0x0800,
+            eax: 0,
+            ..Default::default()
+        }
     }
 
     fn host() -> Vec<kvm_cpuid_entry2> {
@@ -139,15 +145,30 @@ mod tests {
             assert_ne!(f1.ecx & ECX_HYPERVISOR, 0);
             assert_eq!(f1.edx & EDX_HTT != 0, n > 1);
             let smt = find(&v, LEAF_TOPOLOGY, 0);
-            assert_eq!((smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff), (0, 1, TOPO_LEVEL_SMT));
+            assert_eq!(
+                (smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff),
+                (0, 1, TOPO_LEVEL_SMT)
+            );
             let core = find(&v, LEAF_TOPOLOGY, 1);
             assert_eq!(core.ebx, n);
             assert!(1 << core.eax >= n, "shift {} too small for {n}", core.eax);
             assert_eq!((core.ecx >> 8) & 0xff, TOPO_LEVEL_CORE);
-            assert_eq!((find(&v, LEAF_TOPOLOGY, 2).ecx >> 8) & 0xff, 0, "no level past cores");
+            assert_eq!(
+                (find(&v, LEAF_TOPOLOGY, 2).ecx >> 8) & 0xff,
+                0,
+                "no level past cores"
+            );
             assert_eq!(find(&v, LEAF_CACHE_PARAMS, 0).eax >> 26, n - 1);
-            assert_eq!((find(&v, LEAF_CACHE_PARAMS, 0).eax >> 14) & 0xfff, 0, "L1 is per core");
-            assert_eq!((find(&v, LEAF_CACHE_PARAMS, 3).eax >> 14) & 0xfff, n - 1, "L3 shared");
+            assert_eq!(
+                (find(&v, LEAF_CACHE_PARAMS, 0).eax >> 14) & 0xfff,
+                0,
+                "L1 is per core"
+            );
+            assert_eq!(
+                (find(&v, LEAF_CACHE_PARAMS, 3).eax >> 14) & 0xfff,
+                n - 1,
+                "L3 shared"
+            );
             assert_eq!(find(&v, LEAF_EXT_ADDR_SIZES, 0).ecx & 0xff, n - 1);
         }
     }

@@ -8,15 +8,20 @@ use crate::boot::BootError;
 /// Errors from building and running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// `/dev/kvm` does not exist.
-    #[error("/dev/kvm does not exist: load the kvm module (kvm_intel or kvm_amd) or enable virtualization in the firmware")]
-    KvmMissing,
-    /// `/dev/kvm` exists but may not be opened.
-    #[error("permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root")]
-    KvmPermission,
-    /// Any other failure opening `/dev/kvm`.
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(io::Error),
+    /// The KVM device does not exist.
+    #[error("{} does not exist: load the kvm module (kvm_intel or kvm_amd) or enable virtualization in the firmware", .0.display())]
+    KvmMissing(PathBuf),
+    /// The KVM device exists but may not be opened.
+    #[error("permission denied opening {}: add your user to the 'kvm' group or run as root", .0.display())]
+    KvmPermission(PathBuf),
+    /// Any other failure opening the KVM device.
+    #[error("cannot open {}: {source}", .path.display())]
+    KvmOpen {
+        /// The device path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// Unexpected KVM API version.
     #[error("KVM API version {0} is not supported (expected 12)")]
     KvmApi(i32),
@@ -75,15 +80,19 @@ pub enum VmError {
 impl VmError {
     /// Maps a kvm-ioctls error for `op`.
     pub fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-        move |e| VmError::Kvm { op, source: io::Error::from_raw_os_error(e.errno()) }
+        move |e| VmError::Kvm {
+            op,
+            source: io::Error::from_raw_os_error(e.errno()),
+        }
     }
 
     /// Whether the error comes from what the user asked for (bad input, host not set up), as
     /// opposed to a failure while running.
     pub fn is_user_error(&self) -> bool {
         match self {
-            VmError::KvmMissing
-            | VmError::KvmPermission
+            VmError::KvmMissing(_)
+            | VmError::KvmPermission(_)
+            | VmError::KvmOpen { .. }
             | VmError::VcpuCount { .. }
             | VmError::MemoryTooSmall { .. }
             | VmError::SerialFile { .. } => true,

@@ -57,12 +57,23 @@ struct Stdin {
 /// Runs until the guest stops.
 pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
     let epoll = Epoll::new().map_err(VmError::Device)?;
-    let add = |fd: i32, tok: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, tok));
+    let add = |fd: i32, tok: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, tok),
+        )
+    };
     add(src.poweroff.as_raw_fd(), TOK_POWEROFF).map_err(VmError::Device)?;
     add(src.reset.as_raw_fd(), TOK_RESET).map_err(VmError::Device)?;
     add(src.vcpu_done.as_raw_fd(), TOK_VCPU).map_err(VmError::Device)?;
     // Regular files and /dev/null cannot be polled: then there is simply no input.
-    let mut stdin = Stdin { pending: Vec::new(), after_escape: false, eof: false, watching: src.stdin && add(0, TOK_STDIN).is_ok() };
+    let mut stdin = Stdin {
+        pending: Vec::new(),
+        after_escape: false,
+        eof: false,
+        watching: src.stdin && add(0, TOK_STDIN).is_ok(),
+    };
     let mut events = vec![EpollEvent::default(); 8];
     loop {
         let timeout = if stdin.pending.is_empty() { -1 } else { 10 };

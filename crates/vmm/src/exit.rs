@@ -33,8 +33,13 @@ impl std::fmt::Display for VcpuStop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VcpuStop::TripleFault => write!(f, "triple fault (the guest's CPU shut down)"),
-            VcpuStop::InternalError(s) => write!(f, "KVM internal error (suberror {s}): the instruction could not be emulated"),
-            VcpuStop::FailEntry(r) => write!(f, "KVM could not enter the guest (hardware reason {r:#x})"),
+            VcpuStop::InternalError(s) => write!(
+                f,
+                "KVM internal error (suberror {s}): the instruction could not be emulated"
+            ),
+            VcpuStop::FailEntry(r) => {
+                write!(f, "KVM could not enter the guest (hardware reason {r:#x})")
+            }
             VcpuStop::SystemEvent(t) => write!(f, "KVM system event {t}"),
             VcpuStop::Unhandled(what) => write!(f, "unhandled vCPU exit: {what}"),
         }
@@ -127,11 +132,20 @@ mod tests {
     fn port_io_reaches_the_bus_and_unclaimed_reads_are_all_ones() {
         let bus = Recorder::default();
         let mut d = [0u8; 2];
-        assert_eq!(handle_exit(VmExit::IoIn(0x3f8, &mut d), &bus), ExitAction::Resume);
+        assert_eq!(
+            handle_exit(VmExit::IoIn(0x3f8, &mut d), &bus),
+            ExitAction::Resume
+        );
         assert_eq!(d, [0x42, 0x42]);
-        assert_eq!(handle_exit(VmExit::IoIn(0xcfc, &mut d), &bus), ExitAction::Resume);
+        assert_eq!(
+            handle_exit(VmExit::IoIn(0xcfc, &mut d), &bus),
+            ExitAction::Resume
+        );
         assert_eq!(d, [0xff, 0xff]);
-        assert_eq!(handle_exit(VmExit::IoOut(0x80, &[7]), &bus), ExitAction::Resume);
+        assert_eq!(
+            handle_exit(VmExit::IoOut(0x80, &[7]), &bus),
+            ExitAction::Resume
+        );
         assert_eq!(bus.writes.lock().unwrap()[0], (0x80, vec![7]));
         let mut m = [0u8; 4];
         handle_exit(VmExit::MmioRead(0xd000_0000, &mut m), &bus);
@@ -141,10 +155,22 @@ mod tests {
     #[test]
     fn fatal_exits_stop_the_vcpu_with_a_reason() {
         let bus = Recorder::default();
-        assert_eq!(handle_exit(VmExit::Shutdown, &bus), ExitAction::Stop(VcpuStop::TripleFault));
-        assert_eq!(handle_exit(VmExit::InternalError(1), &bus), ExitAction::Stop(VcpuStop::InternalError(1)));
-        assert_eq!(handle_exit(VmExit::FailEntry(0x80000021), &bus), ExitAction::Stop(VcpuStop::FailEntry(0x80000021)));
-        assert_eq!(handle_exit(VmExit::Interrupted, &bus), ExitAction::CheckRequests);
+        assert_eq!(
+            handle_exit(VmExit::Shutdown, &bus),
+            ExitAction::Stop(VcpuStop::TripleFault)
+        );
+        assert_eq!(
+            handle_exit(VmExit::InternalError(1), &bus),
+            ExitAction::Stop(VcpuStop::InternalError(1))
+        );
+        assert_eq!(
+            handle_exit(VmExit::FailEntry(0x80000021), &bus),
+            ExitAction::Stop(VcpuStop::FailEntry(0x80000021))
+        );
+        assert_eq!(
+            handle_exit(VmExit::Interrupted, &bus),
+            ExitAction::CheckRequests
+        );
         assert!(VcpuStop::TripleFault.to_string().contains("triple fault"));
     }
 }

@@ -69,7 +69,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_HOLE_START {
         vec![(0, mem_size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, mem_size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -82,15 +85,31 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
 /// never places anything there.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
-        E820Entry { addr: ACPI_START, size: HIMEM_START - ACPI_START, kind: E820_RESERVED },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: ACPI_START,
+            size: HIMEM_START - ACPI_START,
+            kind: E820_RESERVED,
+        },
     ];
     let low_end = low_ram_end(mem_size);
     if low_end > HIMEM_START {
-        map.push(E820Entry { addr: HIMEM_START, size: low_end - HIMEM_START, kind: E820_RAM });
+        map.push(E820Entry {
+            addr: HIMEM_START,
+            size: low_end - HIMEM_START,
+            kind: E820_RAM,
+        });
     }
     if mem_size > MMIO_HOLE_START {
-        map.push(E820Entry { addr: MMIO_HOLE_END, size: mem_size - MMIO_HOLE_START, kind: E820_RAM });
+        map.push(E820Entry {
+            addr: MMIO_HOLE_END,
+            size: mem_size - MMIO_HOLE_START,
+            kind: E820_RAM,
+        });
     }
     map
 }
@@ -100,14 +119,24 @@ mod tests {
     use super::*;
 
     fn ram_total(map: &[E820Entry]) -> u64 {
-        map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum()
+        map.iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum()
     }
 
     #[test]
     fn small_guest_has_no_ram_above_4g() {
         let map = e820_map(512 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[2], E820Entry { addr: HIMEM_START, size: (512 << 20) - HIMEM_START, kind: E820_RAM });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (512 << 20) - HIMEM_START,
+                kind: E820_RAM
+            }
+        );
         // Only the EBDA, the legacy VGA/ROM area and the ACPI area are missing from RAM.
         assert_eq!(ram_total(&map), (512 << 20) - (HIMEM_START - EBDA_START));
         assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
@@ -124,7 +153,10 @@ mod tests {
             let overlaps_hole = e.addr < MMIO_HOLE_END && e.addr + e.size > MMIO_HOLE_START;
             assert!(!overlaps_hole, "{e:?} overlaps the MMIO hole");
         }
-        assert_eq!(ram_regions(mem), vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem - MMIO_HOLE_START)]);
+        assert_eq!(
+            ram_regions(mem),
+            vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem - MMIO_HOLE_START)]
+        );
         assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_END);
     }
 

@@ -47,8 +47,11 @@ fn probe_code(iterations: u64) -> Vec<u8> {
 /// Runs the probe in a throw-away VM with one vCPU in 64-bit mode.
 pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
     let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_MEM)]).map_err(|e| VmError::Memory(e.to_string()))?;
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| VmError::Memory(e.to_string()))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_MEM)])
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| VmError::Memory(e.to_string()))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -59,21 +62,28 @@ pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
     // SAFETY: `mem` is a live mapping of PROBE_MEM bytes that outlives `vm` (both are dropped at
     // the end of this function, the VM first as it was declared first... and KVM holds no
     // reference to user memory after the VM fd is closed).
-    unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     regs::write_boot_tables(&mem).map_err(|e| VmError::Memory(e.to_string()))?;
-    mem.write_slice(&probe_code(iterations), GuestAddress(CODE_ADDR)).map_err(|e| VmError::Memory(e.to_string()))?;
+    mem.write_slice(&probe_code(iterations), GuestAddress(CODE_ADDR))
+        .map_err(|e| VmError::Memory(e.to_string()))?;
     let mut vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
     regs::long_mode_sregs(&mut sregs);
-    vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&regs::boot_regs(CODE_ADDR)).map_err(VmError::kvm("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(VmError::kvm("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs::boot_regs(CODE_ADDR))
+        .map_err(VmError::kvm("KVM_SET_REGS"))?;
     let start = Instant::now();
     loop {
         match vcpu.run() {
             Ok(VcpuExit::Hlt) => break,
             Ok(VcpuExit::Intr) => continue,
             Ok(other) => {
-                return Err(VmError::Kvm { op: "probe", source: std::io::Error::other(format!("unexpected exit {other:?}")) })
+                return Err(VmError::Kvm {
+                    op: "probe",
+                    source: std::io::Error::other(format!("unexpected exit {other:?}")),
+                })
             }
             Err(e) if e.errno() == libc::EINTR => continue,
             Err(e) => return Err(VmError::kvm("KVM_RUN")(e)),
@@ -82,9 +92,15 @@ pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
     let elapsed = start.elapsed();
     let rcx = vcpu.get_regs().map_err(VmError::kvm("KVM_GET_REGS"))?.rcx;
     if rcx != 0 {
-        return Err(VmError::Kvm { op: "probe", source: std::io::Error::other(format!("loop ended early, rcx={rcx}")) });
+        return Err(VmError::Kvm {
+            op: "probe",
+            source: std::io::Error::other(format!("loop ended early, rcx={rcx}")),
+        });
     }
-    Ok(ProbeResult { iterations_per_sec: iterations as f64 / elapsed.as_secs_f64().max(1e-9), elapsed })
+    Ok(ProbeResult {
+        iterations_per_sec: iterations as f64 / elapsed.as_secs_f64().max(1e-9),
+        elapsed,
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{BOOT_STACK, GDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::layout::{BOOT_STACK, GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 
 /// GDT: null, null, 64-bit code (selector 0x10, `__BOOT_CS`), data (0x18, `__BOOT_DS`), TSS.
 pub const GDT: [u64; 5] = [
@@ -42,7 +42,11 @@ pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: (index * 8) as u16,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -58,7 +62,9 @@ pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
 }
 
 /// Writes the GDT and page tables identity-mapping the low 4 GiB with 2 MiB pages.
-pub fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_boot_tables<M: GuestMemoryBackend>(
+    mem: &M,
+) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + (i * 8) as u64))?;
     }
@@ -95,12 +101,23 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
 
 /// General registers at the kernel's 64-bit entry point, with the zero page in RSI.
 pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs { rflags: 0x2, rip: entry, rsp: BOOT_STACK, rbp: BOOT_STACK, rsi: ZERO_PAGE_ADDR, ..Default::default() }
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rsi: ZERO_PAGE_ADDR,
+        ..Default::default()
+    }
 }
 
 /// The FPU as after FNINIT, with SSE exceptions masked.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// MSRs every vCPU starts with.
@@ -132,7 +149,11 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect()
 }
 
@@ -144,7 +165,10 @@ mod tests {
     #[test]
     fn gdt_descriptors_decode_to_flat_64bit_segments() {
         let cs = segment_from_gdt(GDT[CODE_IDX], CODE_IDX);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_), (0x10, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_),
+            (0x10, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!((cs.base, cs.limit, cs.g), (0, 0xffff_ffff, 1));
         let ds = segment_from_gdt(GDT[DATA_IDX], DATA_IDX);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (0x18, 0, 1, 0x3));
@@ -160,8 +184,12 @@ mod tests {
         assert_eq!(pml4 & !0xfff, PDPT_ADDR);
         // Walk an address in the 4th GiB: PDPT[3] -> PD[3] entry 0x1ff.
         let va: u64 = 0xfee0_0000;
-        let pdpte: u64 = mem.read_obj(GuestAddress(PDPT_ADDR + 8 * (va >> 30))).unwrap();
-        let pde: u64 = mem.read_obj(GuestAddress((pdpte & !0xfff) + 8 * ((va >> 21) & 0x1ff))).unwrap();
+        let pdpte: u64 = mem
+            .read_obj(GuestAddress(PDPT_ADDR + 8 * (va >> 30)))
+            .unwrap();
+        let pde: u64 = mem
+            .read_obj(GuestAddress((pdpte & !0xfff) + 8 * ((va >> 21) & 0x1ff)))
+            .unwrap();
         assert_eq!(pde & 0x83, 0x83, "present, writable, 2 MiB page");
         assert_eq!(pde & !0xfff, va, "identity");
         let gdt2: u64 = mem.read_obj(GuestAddress(GDT_ADDR + 16)).unwrap();
@@ -175,6 +203,9 @@ mod tests {
         assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
         assert_ne!(s.cr4 & CR4_PAE, 0);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
-        assert_eq!((s.cs.selector, s.ds.selector, s.cr3), (0x10, 0x18, PML4_ADDR));
+        assert_eq!(
+            (s.cs.selector, s.ds.selector, s.cr3),
+            (0x10, 0x18, PML4_ADDR)
+        );
     }
 }

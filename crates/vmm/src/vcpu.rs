@@ -32,12 +32,19 @@ pub struct VcpuReport {
 }
 
 /// Runs `vcpu` until it fails or `stop` is set (the VMM sets it, then interrupts `KVM_RUN`).
-pub fn run_loop(index: usize, vcpu: &mut dyn Vcpu, bus: &dyn IoBus, stop: &AtomicBool) -> VcpuReport {
+pub fn run_loop(
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    bus: &dyn IoBus,
+    stop: &AtomicBool,
+) -> VcpuReport {
     let mut state = VcpuState::Ready;
     let mut exits = 0u64;
     loop {
         state = match state {
-            VcpuState::Ready | VcpuState::Running if stop.load(Ordering::Acquire) => VcpuState::Stopped,
+            VcpuState::Ready | VcpuState::Running if stop.load(Ordering::Acquire) => {
+                VcpuState::Stopped
+            }
             VcpuState::Ready | VcpuState::Running => match vcpu.run() {
                 Ok(exit) => {
                     exits += 1;
@@ -46,16 +53,21 @@ pub fn run_loop(index: usize, vcpu: &mut dyn Vcpu, bus: &dyn IoBus, stop: &Atomi
                         ExitAction::Stop(reason) => VcpuState::Failed(reason),
                     }
                 }
-                Err(HypervisorError::Run(e)) => {
-                    VcpuState::Failed(VcpuStop::Unhandled(if e.raw_os_error() == Some(libc::EFAULT) {
+                Err(HypervisorError::Run(e)) => VcpuState::Failed(VcpuStop::Unhandled(
+                    if e.raw_os_error() == Some(libc::EFAULT) {
                         "KVM_RUN: bad address"
                     } else {
                         "KVM_RUN failed"
-                    }))
-                }
+                    },
+                )),
             },
             done @ (VcpuState::Stopped | VcpuState::Failed(_)) => {
-                return VcpuReport { index, registers: vcpu.dump_state(), state: done, exits };
+                return VcpuReport {
+                    index,
+                    registers: vcpu.dump_state(),
+                    state: done,
+                    exits,
+                };
             }
         };
     }
@@ -110,7 +122,10 @@ mod tests {
 
     #[test]
     fn runs_until_the_guest_fails_and_reports_registers() {
-        let mut v = Scripted { script: vec!["shutdown", "intr", "in", "out"], buf: [0; 4] };
+        let mut v = Scripted {
+            script: vec!["shutdown", "intr", "in", "out"],
+            buf: [0; 4],
+        };
         let bus = Bus::default();
         let r = run_loop(1, &mut v, &bus, &AtomicBool::new(false));
         assert_eq!(r.state, VcpuState::Failed(VcpuStop::TripleFault));
@@ -122,7 +137,10 @@ mod tests {
 
     #[test]
     fn a_stop_request_is_honoured_before_entering_the_guest() {
-        let mut v = Scripted { script: vec!["out"], buf: [0; 4] };
+        let mut v = Scripted {
+            script: vec!["out"],
+            buf: [0; 4],
+        };
         let r = run_loop(0, &mut v, &Bus::default(), &AtomicBool::new(true));
         assert_eq!(r.state, VcpuState::Stopped);
         assert_eq!(r.exits, 0);

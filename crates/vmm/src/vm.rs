@@ -7,14 +7,20 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use tandem_devices::acpi_pm::ACPI_PM_PORT;
 use tandem_devices::i8042::{I8042_BASE, I8042_PORTS};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
-use tandem_devices::{AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042};
+use tandem_devices::{
+    AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042,
+};
 
 use crate::boot::{self, params::BootInfo};
 use crate::bus::DeviceBus;
@@ -79,12 +85,25 @@ pub enum VmOutcome {
     UserQuit,
 }
 
-/// Opens `/dev/kvm` with errors a user can act on.
+/// The KVM device: `/dev/kvm`, or `$TANDEM_KVM_DEVICE` where the host puts it elsewhere.
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("TANDEM_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/dev/kvm".into())
+}
+
+/// Opens the KVM device with errors a user can act on.
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => VmError::KvmMissing,
-        libc::EACCES | libc::EPERM => VmError::KvmPermission,
-        _ => VmError::KvmOpen(io::Error::from_raw_os_error(e.errno())),
+    let path = kvm_device_path();
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::KvmMissing(path.clone()))?;
+    Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::KvmMissing(path.clone()),
+        libc::EACCES | libc::EPERM => VmError::KvmPermission(path.clone()),
+        _ => VmError::KvmOpen {
+            path: path.clone(),
+            source: io::Error::from_raw_os_error(e.errno()),
+        },
     })
 }
 
@@ -117,24 +136,37 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
 pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
     let max = check_kvm(kvm)?;
     if cfg.vcpus == 0 || usize::from(cfg.vcpus) > max.min(254) {
-        return Err(VmError::VcpuCount { requested: cfg.vcpus.into(), max: max.min(254) });
+        return Err(VmError::VcpuCount {
+            requested: cfg.vcpus.into(),
+            max: max.min(254),
+        });
     }
     if cfg.memory < layout::MIN_MEMORY {
-        return Err(VmError::MemoryTooSmall { requested: cfg.memory, min: layout::MIN_MEMORY });
+        return Err(VmError::MemoryTooSmall {
+            requested: cfg.memory,
+            min: layout::MIN_MEMORY,
+        });
     }
     boot::probe_kernel(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
-        File::open(initrd).map_err(|source| boot::BootError::InitrdRead { path: initrd.clone(), source })?;
+        File::open(initrd).map_err(|source| boot::BootError::InitrdRead {
+            path: initrd.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> =
-        layout::ram_regions(size).into_iter().map(|(a, l)| (GuestAddress(a), l as usize)).collect();
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Memory(e.to_string()))?;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(e.to_string()))?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().raw_value(),
@@ -144,7 +176,8 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of it:
         // the VM (and every vCPU) is torn down with the process, after `run` returns.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }
@@ -158,7 +191,8 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmErro
     };
     let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
     let tables = acpi::build(cfg.vcpus.into())?;
-    mem.write_slice(&tables.blob, GuestAddress(tables.base)).map_err(boot::BootError::from)?;
+    mem.write_slice(&tables.blob, GuestAddress(tables.base))
+        .map_err(boot::BootError::from)?;
     let e820 = layout::e820_map(cfg.memory);
     let params = boot::params::build_boot_params(&BootInfo {
         header: kernel.header,
@@ -169,27 +203,36 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmErro
         rsdp_addr: tables.rsdp_addr(),
     })
     .map_err(|e| boot::BootError::Cmdline(e.to_string()))?;
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR)).map_err(boot::BootError::from)?;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
+        .map_err(boot::BootError::from)?;
     regs::write_boot_tables(mem).map_err(boot::BootError::from)?;
     tracing::info!(format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
     Ok(kernel.entry)
 }
 
 fn configure_vcpu(kvm: &Kvm, fd: &VcpuFd, index: u8, count: u8, entry: u64) -> Result<(), VmError> {
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid::patch(cpuid.as_mut_slice(), index.into(), count.into());
-    fd.set_cpuid2(&cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
-    let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|e| VmError::Memory(format!("MSR list: {e:?}")))?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+    let msrs = Msrs::from_entries(&regs::boot_msrs())
+        .map_err(|e| VmError::Memory(format!("MSR list: {e:?}")))?;
     fd.set_msrs(&msrs).map_err(VmError::kvm("KVM_SET_MSRS"))?;
-    fd.set_fpu(&regs::boot_fpu()).map_err(VmError::kvm("KVM_SET_FPU"))?;
+    fd.set_fpu(&regs::boot_fpu())
+        .map_err(VmError::kvm("KVM_SET_FPU"))?;
     let mut lapic = fd.get_lapic().map_err(VmError::kvm("KVM_GET_LAPIC"))?;
     set_lint(&mut lapic);
-    fd.set_lapic(&lapic).map_err(VmError::kvm("KVM_SET_LAPIC"))?;
+    fd.set_lapic(&lapic)
+        .map_err(VmError::kvm("KVM_SET_LAPIC"))?;
     if index == 0 {
         let mut sregs = fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         regs::long_mode_sregs(&mut sregs);
-        fd.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&regs::boot_regs(entry)).map_err(VmError::kvm("KVM_SET_REGS"))?;
+        fd.set_sregs(&sregs)
+            .map_err(VmError::kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&regs::boot_regs(entry))
+            .map_err(VmError::kvm("KVM_SET_REGS"))?;
     }
     Ok(())
 }
@@ -214,7 +257,10 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(io::stdout()),
         SerialOutput::File(p) => {
-            Box::new(File::create(p).map_err(|source| VmError::SerialFile { path: p.clone(), source })?)
+            Box::new(File::create(p).map_err(|source| VmError::SerialFile {
+                path: p.clone(),
+                source,
+            })?)
         }
         SerialOutput::None => Box::new(io::sink()),
     })
@@ -225,11 +271,18 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
     let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-    vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
 
     let mem = create_memory(&vm, cfg.memory)?;
     let entry = load_boot_images(cfg, &mem)?;
@@ -237,18 +290,30 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     // Devices.
     let panic = PanicRecord::default();
     let serial_irq = EventFdTrigger::new().map_err(VmError::Device)?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(VmError::kvm("KVM_IRQFD"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(VmError::kvm("KVM_IRQFD"))?;
     let poweroff = EventFdTrigger::new().map_err(VmError::Device)?;
     let reset = EventFdTrigger::new().map_err(VmError::Device)?;
     let console = ConsoleWriter::new(serial_sink(&cfg.serial)?, panic.clone())
         .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
     let mut bus = DeviceBus::new();
-    let serial = bus.add_pio(COM1_BASE, UART_PORTS, SerialDevice::new(serial_irq, console))?;
-    bus.add_pio(I8042_BASE, I8042_PORTS, I8042::new(reset.try_clone().map_err(VmError::Device)?))?;
+    let serial = bus.add_pio(
+        COM1_BASE,
+        UART_PORTS,
+        SerialDevice::new(serial_irq, console),
+    )?;
+    bus.add_pio(
+        I8042_BASE,
+        I8042_PORTS,
+        I8042::new(reset.try_clone().map_err(VmError::Device)?),
+    )?;
     bus.add_pio(
         ACPI_PM_PORT,
         1,
-        AcpiPmDevice::new(poweroff.try_clone().map_err(VmError::Device)?, reset.try_clone().map_err(VmError::Device)?),
+        AcpiPmDevice::new(
+            poweroff.try_clone().map_err(VmError::Device)?,
+            reset.try_clone().map_err(VmError::Device)?,
+        ),
     )?;
     let bus = Arc::new(bus);
 
@@ -257,7 +322,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let reports: Arc<Mutex<Vec<VcpuReport>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     for index in 0..cfg.vcpus {
-        let fd = vm.create_vcpu(index.into()).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .create_vcpu(index.into())
+            .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
@@ -302,7 +369,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                     },
                     registers: r.registers,
                 },
-                (None, None) => VmOutcome::VcpuFailed { vcpu: 0, reason: "unknown".into(), registers: String::new() },
+                (None, None) => VmOutcome::VcpuFailed {
+                    vcpu: 0,
+                    reason: "unknown".into(),
+                    registers: String::new(),
+                },
             }
         }
     })

@@ -35,7 +35,9 @@ pub enum BootError {
     #[error("{0} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)")]
     NotAKernel(PathBuf),
     /// A bzImage too old to have a 64-bit entry point.
-    #[error("{0} is a bzImage without a 64-bit entry point (boot protocol too old or 32-bit kernel)")]
+    #[error(
+        "{0} is a bzImage without a 64-bit entry point (boot protocol too old or 32-bit kernel)"
+    )]
     No64BitEntry(PathBuf),
     /// The loader rejected the image.
     #[error("cannot load kernel {path}: {source}")]
@@ -104,7 +106,10 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<bool
 
 /// Tells a bzImage from an ELF by their magic numbers.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let err = |source| BootError::KernelRead { path: path.to_owned(), source };
+    let err = |source| BootError::KernelRead {
+        path: path.to_owned(),
+        source,
+    };
     let mut magic = [0u8; 4];
     if read_at(file, 0, &mut magic).map_err(err)? && &magic == ELF_MAGIC {
         return Ok(KernelFormat::Elf);
@@ -117,7 +122,10 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
 
 /// Opens and checks a kernel image without loading it (for early, clear errors).
 pub fn probe_kernel(path: &Path) -> Result<KernelFormat, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::KernelRead { path: path.to_owned(), source })?;
+    let mut file = File::open(path).map_err(|source| BootError::KernelRead {
+        path: path.to_owned(),
+        source,
+    })?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(BootError::NotAKernel(path.to_owned()));
     }
@@ -126,37 +134,72 @@ pub fn probe_kernel(path: &Path) -> Result<KernelFormat, BootError> {
 
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::KernelRead { path: path.to_owned(), source })?;
+    let mut file = File::open(path).map_err(|source| BootError::KernelRead {
+        path: path.to_owned(),
+        source,
+    })?;
     let format = detect_format(&mut file, path)?;
-    let load_err = |source| BootError::Load { path: path.to_owned(), source };
+    let load_err = |source| BootError::Load {
+        path: path.to_owned(),
+        source,
+    };
     match format {
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-            let hdr = r.setup_header.ok_or_else(|| BootError::NotAKernel(path.to_owned()))?;
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            let hdr = r
+                .setup_header
+                .ok_or_else(|| BootError::NotAKernel(path.to_owned()))?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::No64BitEntry(path.to_owned()));
             }
             let load = r.kernel_load.0;
             // The decompressor needs `init_size` bytes from where the kernel runs.
             let run_at = load.max(hdr.pref_address);
-            let end = r.kernel_end.max(run_at.saturating_add(u64::from(hdr.init_size)));
-            Ok(LoadedKernel { format, entry: load + BZIMAGE_64BIT_ENTRY, header: Some(hdr), end })
+            let end = r
+                .kernel_end
+                .max(run_at.saturating_add(u64::from(hdr.init_size)));
+            Ok(LoadedKernel {
+                format,
+                entry: load + BZIMAGE_64BIT_ENTRY,
+                header: Some(hdr),
+                end,
+            })
         }
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-            Ok(LoadedKernel { format, entry: r.kernel_load.0, header: None, end: r.kernel_end })
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            Ok(LoadedKernel {
+                format,
+                entry: r.kernel_load.0,
+                header: None,
+                end: r.kernel_end,
+            })
         }
     }
 }
 
 /// Where an initramfs of `size` bytes goes: as high as possible below both the end of low RAM
 /// and the kernel's `initrd_addr_max`, page aligned, and above the kernel.
-pub fn initrd_placement(mem_size: u64, kernel_end: u64, addr_max: u64, size: u64) -> Result<u64, BootError> {
+pub fn initrd_placement(
+    mem_size: u64,
+    kernel_end: u64,
+    addr_max: u64,
+    size: u64,
+) -> Result<u64, BootError> {
     let limit = low_ram_end(mem_size).min(addr_max.saturating_add(1));
-    let no_fit = BootError::InitrdDoesNotFit { kernel_end, initrd_size: size, limit };
+    let no_fit = BootError::InitrdDoesNotFit {
+        kernel_end,
+        initrd_size: size,
+        limit,
+    };
     let addr = limit.checked_sub(size).ok_or(no_fit)? & !0xfff;
     if addr < kernel_end {
-        return Err(BootError::InitrdDoesNotFit { kernel_end, initrd_size: size, limit });
+        return Err(BootError::InitrdDoesNotFit {
+            kernel_end,
+            initrd_size: size,
+            limit,
+        });
     }
     Ok(addr)
 }
@@ -168,14 +211,21 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
-    let err = |source| BootError::InitrdRead { path: path.to_owned(), source };
+    let err = |source| BootError::InitrdRead {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = File::open(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     if !meta.is_file() {
         return Err(err(std::io::Error::other("not a regular file")));
     }
     let size = meta.len();
-    let addr_max = kernel.header.map(|h| u64::from(h.initrd_addr_max)).filter(|m| *m != 0).unwrap_or(0x37ff_ffff);
+    let addr_max = kernel
+        .header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|m| *m != 0)
+        .unwrap_or(0x37ff_ffff);
     let addr = initrd_placement(mem_size, kernel.end, addr_max, size)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| err(std::io::Error::other(e.to_string())))?;
@@ -189,7 +239,9 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Boot
     }
     let len = cmdline.len() + 1;
     if len > CMDLINE_MAX {
-        return Err(BootError::Cmdline(format!("{len} bytes, at most {CMDLINE_MAX}")));
+        return Err(BootError::Cmdline(format!(
+            "{len} bytes, at most {CMDLINE_MAX}"
+        )));
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
@@ -203,7 +255,11 @@ mod tests {
     use std::io::Write;
 
     fn temp_file(bytes: &[u8]) -> (PathBuf, File) {
-        let path = std::env::temp_dir().join(format!("tandem-boot-test-{}-{}", std::process::id(), bytes.len()));
+        let path = std::env::temp_dir().join(format!(
+            "tandem-boot-test-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
         File::create(&path).unwrap().write_all(bytes).unwrap();
         let f = File::open(&path).unwrap();
         (path, f)
@@ -218,9 +274,15 @@ mod tests {
         let (p, mut f) = temp_file(b"\x7fELF\x02\x01\x01");
         assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::Elf);
         let (p, mut f) = temp_file(b"#!/bin/sh\necho not a kernel\n");
-        assert!(matches!(detect_format(&mut f, &p), Err(BootError::NotAKernel(_))));
+        assert!(matches!(
+            detect_format(&mut f, &p),
+            Err(BootError::NotAKernel(_))
+        ));
         let (p, mut f) = temp_file(b"");
-        assert!(matches!(detect_format(&mut f, &p), Err(BootError::NotAKernel(_))));
+        assert!(matches!(
+            detect_format(&mut f, &p),
+            Err(BootError::NotAKernel(_))
+        ));
     }
 
     #[test]

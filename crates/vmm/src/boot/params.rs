@@ -65,7 +65,10 @@ pub fn build_boot_params(info: &BootInfo<'_>) -> Result<boot_params, ParamsError
         n => n as usize + 1,
     };
     if info.cmdline_len > max {
-        return Err(ParamsError::CmdlineTooLong { len: info.cmdline_len, max });
+        return Err(ParamsError::CmdlineTooLong {
+            len: info.cmdline_len,
+            max,
+        });
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = info.cmdline_addr as u32;
@@ -80,7 +83,11 @@ pub fn build_boot_params(info: &BootInfo<'_>) -> Result<boot_params, ParamsError
         return Err(ParamsError::TooManyE820(info.e820.len()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(info.e820) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
     params.e820_entries = info.e820.len() as u8;
     params.acpi_rsdp_addr = info.rsdp_addr;
@@ -109,21 +116,48 @@ mod tests {
         assert_eq!({ hdr.header }, 0x5372_6448);
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x0f00_0000, 0x12345));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x0f00_0000, 0x12345)
+        );
         assert_eq!(p.e820_entries as usize, map.len());
         let third = p.e820_table[2];
-        assert_eq!(({ third.addr }, { third.size }, { third.r#type }), (map[2].addr, map[2].size, 1));
+        assert_eq!(
+            ({ third.addr }, { third.size }, { third.r#type }),
+            (map[2].addr, map[2].size, 1)
+        );
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
     }
 
     #[test]
     fn bzimage_header_is_kept_and_its_cmdline_limit_enforced() {
-        let hdr = setup_header { cmdline_size: 2047, code32_start: 0x100000, version: 0x020f, ..Default::default() };
-        let base = BootInfo { header: Some(hdr), cmdline_addr: CMDLINE_ADDR, cmdline_len: 2048, initrd: None, e820: &[], rsdp_addr: 0 };
+        let hdr = setup_header {
+            cmdline_size: 2047,
+            code32_start: 0x100000,
+            version: 0x020f,
+            ..Default::default()
+        };
+        let base = BootInfo {
+            header: Some(hdr),
+            cmdline_addr: CMDLINE_ADDR,
+            cmdline_len: 2048,
+            initrd: None,
+            e820: &[],
+            rsdp_addr: 0,
+        };
         let p = build_boot_params(&base).unwrap();
         assert_eq!({ p.hdr.code32_start }, 0x100000);
         assert_eq!({ p.hdr.ramdisk_image }, 0);
-        let too_long = BootInfo { cmdline_len: 2049, ..base };
-        assert_eq!(build_boot_params(&too_long).unwrap_err(), ParamsError::CmdlineTooLong { len: 2049, max: 2048 });
+        let too_long = BootInfo {
+            cmdline_len: 2049,
+            ..base
+        };
+        assert_eq!(
+            build_boot_params(&too_long).unwrap_err(),
+            ParamsError::CmdlineTooLong {
+                len: 2049,
+                max: 2048
+            }
+        );
     }
 }

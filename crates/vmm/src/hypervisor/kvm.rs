@@ -37,8 +37,12 @@ impl Vcpu for KvmVcpu {
                 VcpuExit::Hypercall(_) => VmExit::Other("hypercall"),
                 _ => VmExit::Other("unhandled exit"),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VmExit::Interrupted),
-            Err(e) => Err(HypervisorError::Run(std::io::Error::from_raw_os_error(e.errno()))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VmExit::Interrupted)
+            }
+            Err(e) => Err(HypervisorError::Run(std::io::Error::from_raw_os_error(
+                e.errno(),
+            ))),
         }
     }
 

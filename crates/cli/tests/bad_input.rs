@@ -1,0 +1,182 @@
+//! Bad input gets one clear line on stderr and exit status 2, never a panic or a backtrace.
+
+use std::io::Write;
+use std::process::Command;
+
+fn tandem(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fake_kernel() -> std::path::PathBuf {
+    // A file with a bzImage header: enough to pass the format check.
+    let path = std::env::temp_dir().join(format!("tandem-fake-bzimage-{}", std::process::id()));
+    let mut bytes = vec![0u8; 0x400];
+    bytes[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    path
+}
+
+fn assert_one_clear_line(args: &[&str], env: &[(&str, &str)], expect: &str) {
+    let (rc, err) = tandem(args, env);
+    assert_eq!(rc, 2, "{args:?}: status; stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: exactly one line, got:\n{err}");
+    assert!(lines[0].starts_with("tandem: "), "{args:?}: {err}");
+    assert!(
+        lines[0].contains(expect),
+        "{args:?}: expected {expect:?} in {err:?}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?}: {err}"
+    );
+}
+
+#[test]
+fn missing_unreadable_and_non_kernel_files() {
+    assert_one_clear_line(
+        &["run", "--kernel", "/nonexistent/vmlinuz"],
+        &[],
+        "cannot read kernel /nonexistent/vmlinuz",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", "/etc/hostname"],
+        &[],
+        "is not a Linux kernel",
+    );
+    assert_one_clear_line(&["run", "--kernel", "/etc"], &[], "is not a Linux kernel");
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--initrd", "/nonexistent/initrd"],
+        &[],
+        "cannot read initramfs",
+    );
+}
+
+#[test]
+fn cpu_counts_out_of_range() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--cpus", "0"],
+        &[],
+        "must be at least 1",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--cpus", "255"],
+        &[],
+        "limit of 254",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--cpus", "two"],
+        &[],
+        "not a number",
+    );
+}
+
+#[test]
+fn memory_sizes_malformed_too_small_or_too_large() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--memory", "12Q"],
+        &[],
+        "unknown unit",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--memory", "lots"],
+        &[],
+        "not a size",
+    );
+    assert_one_clear_line(&["run", "--kernel", k, "--memory", "1M"], &[], "too small");
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--memory", "64T"],
+        &[],
+        "more than this host has",
+    );
+}
+
+#[test]
+fn missing_or_forbidden_kvm_device() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k],
+        &[("TANDEM_KVM_DEVICE", "/nonexistent/kvm")],
+        "does not exist",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", k],
+        &[("TANDEM_KVM_DEVICE", "/")],
+        "cannot open /",
+    );
+}
+
+#[test]
+fn kvm_device_not_permitted() {
+    // As root, drop to an unprivileged user (setpriv, from util-linux) for whom a root-only
+    // device node is off limits.
+    let dev = std::env::temp_dir().join(format!("tandem-kvm-node-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dev);
+    std::fs::File::create(&dev).unwrap();
+    std::fs::set_permissions(&dev, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let k = fake_kernel();
+    let root = unsafe { libc_geteuid() } == 0;
+    let out = if root {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_tandem"),
+                "run",
+                "--kernel",
+            ])
+            .arg(&k)
+            .env("TANDEM_KVM_DEVICE", &dev)
+            .output()
+            .expect("setpriv (util-linux) is needed to drop privileges")
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["run", "--kernel"])
+            .arg(&k)
+            .env("TANDEM_KVM_DEVICE", &dev)
+            .output()
+            .unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("permission denied opening") && err.contains("kvm"),
+        "{err}"
+    );
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+#[test]
+fn malformed_flags() {
+    assert_one_clear_line(
+        &["run", "--kernel", "/x", "--serial", "tcp:1"],
+        &[],
+        "not stdio, none or file:PATH",
+    );
+    assert_one_clear_line(&["run"], &[], "--kernel");
+    assert_one_clear_line(&["frobnicate"], &[], "unrecognized subcommand");
+}

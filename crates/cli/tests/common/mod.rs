@@ -1,0 +1,174 @@
+//! Test fixture: run a shell script on a host whose KVM boots guest kernels: this machine when
+//! its KVM runs them at hardware speed (`tandem doctor` says so), otherwise the nested testbed
+//! (`cargo xtask testbed`). The script sees `$GUESTS` (the Debian guest images) and `tandem`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// What one `run_case` in the script produced.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// tandem's stdout and stderr (the guest console, then tandem's messages).
+    pub output: String,
+    /// tandem's exit status.
+    pub rc: i32,
+    /// Whole seconds tandem ran.
+    pub secs: u64,
+}
+
+/// Shell helpers prepended to every script: `run_case NAME ARGS...` runs `tandem run ARGS...`
+/// and prints its output between markers the harness parses.
+const PRELUDE: &str = r#"
+G=${GUESTS:-/guests}
+run_case() {
+  name=$1; shift
+  start=$(date +%s)
+  timeout 150 tandem run "$@" >/tmp/case.out 2>&1
+  rc=$?
+  end=$(date +%s)
+  echo "@@@BEGIN $name"
+  cat /tmp/case.out
+  echo "@@@END $name rc=$rc secs=$((end-start))"
+}
+"#;
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The xtask command: `$TANDEM_XTASK` (set by `cargo xtask test`), else `cargo xtask`.
+fn xtask() -> Command {
+    match std::env::var_os("TANDEM_XTASK") {
+        Some(x) => Command::new(x),
+        None => {
+            let mut c = Command::new(env!("CARGO"));
+            c.args(["run", "--quiet", "--package", "xtask", "--"])
+                .current_dir(workspace_root());
+            c
+        }
+    }
+}
+
+fn release_tandem() -> PathBuf {
+    workspace_root().join("target/release/tandem")
+}
+
+/// Whether this machine's KVM runs guest kernels at hardware speed.
+fn host_kvm_is_fast() -> bool {
+    Command::new(release_tandem())
+        .arg("doctor")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Runs `script` where guests can boot; returns the cases it ran, by name, plus the whole output.
+pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
+    let full = format!("{PRELUDE}\n{script}");
+    let output = if host_kvm_is_fast() {
+        let guests = xtask()
+            .arg("guests-dir")
+            .output()
+            .expect("xtask guests-dir");
+        assert!(
+            guests.status.success(),
+            "xtask guests-dir failed: {}",
+            String::from_utf8_lossy(&guests.stderr)
+        );
+        let dir = String::from_utf8_lossy(&guests.stdout).trim().to_string();
+        let mut path = std::env::var_os("PATH").unwrap_or_default();
+        path = std::env::join_paths(
+            std::iter::once(workspace_root().join("target/release"))
+                .chain(std::env::split_paths(&path)),
+        )
+        .unwrap();
+        Command::new("sh")
+            .args(["-c", &full])
+            .env("GUESTS", dir)
+            .env("PATH", path)
+            .output()
+    } else {
+        xtask()
+            .args([
+                "testbed",
+                "--no-build",
+                "--timeout",
+                "600",
+                "--",
+                "sh",
+                "-c",
+                &full,
+            ])
+            .output()
+    }
+    .expect("cannot start the test host");
+    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "")
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the test host failed (status {:?}); its output:\n{text}",
+        output.status.code()
+    );
+    (parse_cases(&text), text)
+}
+
+fn parse_cases(text: &str) -> HashMap<String, Case> {
+    let mut cases = HashMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("@@@BEGIN ") {
+            current = Some((name.trim().to_string(), String::new()));
+        } else if let Some(rest) = line.strip_prefix("@@@END ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap_or_default().to_string();
+            let field = |p: &str| {
+                rest.split_whitespace()
+                    .find_map(|f| f.strip_prefix(p))
+                    .and_then(|v| v.parse().ok())
+            };
+            if let Some((n, output)) = current.take() {
+                if n == name {
+                    cases.insert(
+                        name,
+                        Case {
+                            output,
+                            rc: field("rc=").unwrap_or(-1) as i32,
+                            secs: field("secs=").unwrap_or(0),
+                        },
+                    );
+                }
+            }
+        } else if let Some((_, out)) = current.as_mut() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    cases
+}
+
+/// The case `name`, or a failure that shows the whole session.
+pub fn case<'a>(cases: &'a HashMap<String, Case>, all: &str, name: &str) -> &'a Case {
+    cases
+        .get(name)
+        .unwrap_or_else(|| panic!("case {name} did not run; session output:\n{all}"))
+}
+
+/// Kernel command line for a guest that runs `cmd` (single quotes only) and powers off.
+pub fn exec_cmdline(cmd: &str) -> String {
+    format!("console=ttyS0 reboot=acpi panic=-1 quiet tandem.exec=\"{cmd}\"")
+}
+
+/// Sum of the "System RAM" ranges in a /proc/iomem dump.
+pub fn system_ram_bytes(iomem: &str) -> u64 {
+    iomem
+        .lines()
+        .filter(|l| l.trim_end().ends_with(": System RAM"))
+        .filter_map(|l| {
+            let range = l.trim().split(' ').next()?;
+            let (a, b) = range.split_once('-')?;
+            Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()? + 1)
+        })
+        .sum()
+}

@@ -1,0 +1,34 @@
+#!/bin/sh
+# /init of the testbed's test host (L1), added per run by `cargo xtask testbed`.
+# Loads KVM, runs /testbed/cmd.sh on the console, reports its exit status on ttyS1, powers off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+if [ -n "$(ls -A /tmp)" ]; then
+	# --with put files under /tmp: keep them on the tmpfs that is mounted there.
+	mv /tmp /.tmp-carried && mkdir /tmp
+	mount -t tmpfs -o mode=1777 tmpfs /tmp
+	cp -a /.tmp-carried/. /tmp/ && rm -rf /.tmp-carried
+	chmod 1777 /tmp
+else
+	mount -t tmpfs -o mode=1777 tmpfs /tmp
+fi
+. /testbed/env
+for m in $(cat /etc/testbed/modules); do
+	insmod "/$m" || echo "testbed: insmod /$m failed" >&2
+done
+if [ ! -c /dev/kvm ]; then
+	echo "testbed: error: /dev/kvm is missing in the test host (kvm-amd did not load: no SVM in the emulated CPU?)" >&2
+fi
+# shellcheck disable=SC2086
+stty -F /dev/ttyS0 $TESTBED_STTY
+cd /
+setsid cttyhack sh /testbed/cmd.sh
+rc=$?
+# Changing a terminal setting waits until the console has sent everything (TCSADRAIN).
+stty -F /dev/ttyS0 -tostop
+echo "TESTBED-EXIT=$rc" >/dev/ttyS1
+# Keep the kernel's "reboot: Power down" off the command's output.
+echo 0 >/proc/sys/kernel/printk
+poweroff -f

@@ -1,0 +1,273 @@
+//! tandem's development tasks, run as `cargo xtask TASK`.
+
+mod assets;
+mod cpio;
+mod modules;
+mod tasks;
+mod testbed;
+mod vmlinux;
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::process::exit;
+
+const USAGE: &str = "\
+usage: cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
+       cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
+       cargo xtask guests-dir               print the cached guest images' directory
+       cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
+
+Runs CMD (default: an interactive shell) as root in a nested testbed: QEMU TCG `-cpu max`
+booting Debian's cloud kernel with kvm-amd loaded, so /dev/kvm works inside. Present there:
+/usr/bin/tandem (release build) and /guests/{vmlinuz,vmlinuz-rt,vmlinuz-generic,vmlinux,
+initramfs.cpio.gz}. Exits with CMD's status; 124 on timeout; 125 when the testbed failed.
+
+options:
+  --mem SIZE                memory of the test host, as for qemu -m (default 2G)
+  --cpus N                  CPUs of the test host (default 2, at most this machine's)
+  --with HOSTPATH[:GUESTPATH]
+                            carry a file or directory in (default GUESTPATH: HOSTPATH made
+                            absolute); may be repeated
+  --timeout SECS            stop the test host after SECS seconds (default 900)
+  --no-build                use target/release/tandem as it is
+  -h, --help                this text
+
+Assets are cached in $TANDEM_CACHE, else $HOME/.cache/tandem/testbed.";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let result = match args.first().map(String::as_str) {
+        Some("testbed" | "shell") => {
+            let mut opts = match parse_testbed(&args[1..]) {
+                Ok(Some(opts)) => opts,
+                Ok(None) => return help(),
+                Err(e) => usage_error(&e),
+            };
+            if args[0] == "shell" {
+                tasks::shell(&mut opts)
+            } else {
+                tasks::ensure_host_packages().and_then(|()| testbed::run(&opts))
+            }
+        }
+        Some("test") => tasks::test(&root, &args[1..]),
+        Some("guests-dir") => tasks::guests_dir(),
+        Some("-h" | "--help") => return help(),
+        Some(other) => usage_error(&format!("unknown task {other:?}")),
+        None => usage_error("no task given"),
+    };
+    let code = result.unwrap_or_else(|e| {
+        eprintln!("xtask: error: {e}");
+        testbed::EXIT_TESTBED
+    });
+    exit(code);
+}
+
+fn help() {
+    let _ = writeln!(std::io::stdout(), "{USAGE}");
+}
+
+fn usage_error(msg: &str) -> ! {
+    let _ = writeln!(
+        std::io::stderr(),
+        "xtask: {msg} (see cargo xtask testbed --help)"
+    );
+    exit(2)
+}
+
+/// Parses the arguments after `testbed`; `None` when help was asked for.
+fn parse_testbed(args: &[String]) -> Result<Option<testbed::Options>, String> {
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut opts = testbed::Options {
+        mem: "2G".into(),
+        cpus: host_cpus.min(2),
+        with: Vec::new(),
+        timeout: 900,
+        no_build: false,
+        cmd: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().filter(|v| !v.starts_with("--")).cloned())
+                .ok_or(format!("{flag} needs a value"))
+        };
+        match flag {
+            "--" => {
+                opts.cmd.extend(it.by_ref().cloned());
+                break;
+            }
+            "-h" | "--help" => return Ok(None),
+            "--no-build" => opts.no_build = true,
+            "--mem" => opts.mem = parse_mem(&value()?)?,
+            "--cpus" => {
+                let v = value()?;
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("--cpus {v:?}: not a CPU count"))?;
+                if n > host_cpus {
+                    eprintln!(
+                        "testbed: --cpus {n}: this machine has {host_cpus}; using {host_cpus}"
+                    );
+                }
+                opts.cpus = n.min(host_cpus);
+            }
+            "--timeout" => {
+                let v = value()?;
+                opts.timeout = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("--timeout {v:?}: not a number of seconds"))?;
+            }
+            "--with" => opts.with.push(parse_with(&value()?)?),
+            f if f.starts_with('-') && opts.cmd.is_empty() => {
+                return Err(format!("unknown option {f}"))
+            }
+            _ => {
+                opts.cmd.push(arg.clone());
+                opts.cmd.extend(it.by_ref().cloned());
+                break;
+            }
+        }
+    }
+    if opts.cmd.is_empty() {
+        opts.cmd.push("sh".into());
+    }
+    Ok(Some(opts))
+}
+
+/// Checks a QEMU memory size: digits with an optional K/M/G/T suffix.
+fn parse_mem(v: &str) -> Result<String, String> {
+    let digits = v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', 't', 'T']);
+    let ok = !digits.is_empty()
+        && digits.len() + 1 >= v.len()
+        && digits.chars().all(|c| c.is_ascii_digit());
+    if ok && digits.parse::<u64>().is_ok_and(|n| n > 0) {
+        Ok(v.to_string())
+    } else {
+        Err(format!("--mem {v:?}: expected a size like 2G or 2048M"))
+    }
+}
+
+/// Parses `HOSTPATH[:GUESTPATH]`.
+fn parse_with(v: &str) -> Result<(PathBuf, String), String> {
+    let (host, guest) = match v.split_once(':') {
+        Some((h, g)) => (h, Some(g)),
+        None => (v, None),
+    };
+    let host = Path::new(host);
+    let abs = std::path::absolute(host).map_err(|e| format!("--with {v}: {e}"))?;
+    // Lexically, like the shell would see `a/../b`; symbolic links stay as they are.
+    let abs: PathBuf = abs.components().fold(PathBuf::new(), |mut p, c| {
+        match c {
+            Component::ParentDir => _ = p.pop(),
+            Component::CurDir => {}
+            c => p.push(c),
+        }
+        p
+    });
+    if !host.exists() {
+        return Err(format!("--with {v}: {} does not exist", host.display()));
+    }
+    let guest = match guest {
+        Some(g) => g.to_string(),
+        None => abs
+            .to_str()
+            .ok_or(format!("--with {v}: path is not UTF-8"))?
+            .to_string(),
+    };
+    let normal = guest
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .collect::<Vec<_>>();
+    if !guest.starts_with('/')
+        || normal.is_empty()
+        || normal.iter().any(|c| *c == "." || *c == "..")
+    {
+        return Err(format!(
+            "--with {v}: the guest path must be absolute, without . or .., and not /"
+        ));
+    }
+    if matches!(normal[0], "proc" | "sys" | "dev" | "testbed") || normal == ["init"] {
+        return Err(format!(
+            "--with {v}: {guest} would be hidden or overwritten in the test host"
+        ));
+    }
+    Ok((abs, format!("/{}", normal.join("/"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_and_command() {
+        let o = parse_testbed(&args(&[
+            "--mem=1G",
+            "--timeout",
+            "5",
+            "--no-build",
+            "--",
+            "ls",
+            "-l",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((o.mem.as_str(), o.timeout, o.no_build), ("1G", 5, true));
+        assert_eq!(o.cmd, ["ls", "-l"]);
+        let o = parse_testbed(&args(&["uname", "--all"])).unwrap().unwrap();
+        assert_eq!(o.cmd, ["uname", "--all"]);
+        assert_eq!(parse_testbed(&[]).unwrap().unwrap().cmd, ["sh"]);
+        assert!(parse_testbed(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_options() {
+        for bad in [
+            &["--mem"][..],
+            &["--mem", "2X"],
+            &["--cpus", "0"],
+            &["--timeout", "x"],
+            &["--bogus"],
+        ] {
+            assert!(parse_testbed(&args(bad)).is_err(), "{bad:?}");
+        }
+        assert!(parse_mem("2048M").is_ok() && parse_mem("2").is_ok() && parse_mem("G").is_err());
+    }
+
+    #[test]
+    fn with_paths() {
+        let (host, guest) = parse_with("/tmp").unwrap();
+        assert_eq!(
+            (host.as_path(), guest.as_str()),
+            (Path::new("/tmp"), "/tmp")
+        );
+        assert_eq!(parse_with("/tmp:/opt//x/").unwrap().1, "/opt/x");
+        assert_eq!(parse_with("/tmp/../tmp/.").unwrap().1, "/tmp");
+        for bad in [
+            "/nonexistent-testbed-path",
+            "/tmp:rel",
+            "/tmp:/",
+            "/tmp:/proc/x",
+            "/tmp:/a/../b",
+        ] {
+            assert!(parse_with(bad).is_err(), "{bad}");
+        }
+    }
+}
