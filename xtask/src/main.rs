@@ -1,6 +1,7 @@
 //! tandem's development tasks, run as `cargo xtask TASK`.
 
 mod assets;
+mod bench;
 mod cpio;
 mod modules;
 mod tasks;
@@ -15,6 +16,7 @@ const USAGE: &str = "\
 usage: cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
        cargo xtask guests-dir               print the cached guest images' directory
+       cargo xtask bench boot               boot time and memory: tandem vs QEMU, in the testbed
        cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
 
 Runs CMD (default: an interactive shell) as root in a nested testbed: QEMU TCG `-cpu max`
@@ -55,6 +57,11 @@ fn main() {
         }
         Some("test") => tasks::test(&root, &args[1..]),
         Some("guests-dir") => tasks::guests_dir(),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("boot") => bench::boot(&root),
+            _ => usage_error("bench: which? (boot)"),
+        },
+        Some("bench-run") => bench::run_one(&args[1..]),
         Some("-h" | "--help") => return help(),
         Some(other) => usage_error(&format!("unknown task {other:?}")),
         None => usage_error("no task given"),

@@ -6,9 +6,15 @@ use std::process::Command;
 use crate::{assets, testbed};
 
 /// Debian packages the host needs, with a command that proves each is there.
-const HOST_PACKAGES: &[(&str, &str)] = &[("qemu-system-x86", "qemu-system-x86_64")];
+const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("seabios", "/usr/share/seabios/bios-256k.bin"),
+];
 
 fn have(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).exists();
+    }
     Command::new(cmd)
         .arg("--version")
         .output()
@@ -50,7 +56,7 @@ extern "C" {
     fn geteuid() -> u32;
 }
 
-fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
+pub fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let xtask =
         std::env::current_exe().map_err(|e| format!("cannot find the xtask binary: {e}"))?;

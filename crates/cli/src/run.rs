@@ -11,7 +11,8 @@ use crate::terminal::RawTerminal;
 use crate::EXIT_USAGE;
 
 /// The command line used when `--cmdline` is not given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1";
+/// `reboot=k`: the guest resets through the i8042 (its ACPI reset path does not reach tandem yet).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// Exit status when the guest kernel panicked.
 pub const EXIT_GUEST_PANIC: u8 = 3;

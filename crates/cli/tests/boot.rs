@@ -16,15 +16,17 @@ type Session = (HashMap<String, Case>, String);
 fn cloud_session() -> &'static Session {
     static S: OnceLock<Session> = OnceLock::new();
     S.get_or_init(|| {
-        let probe = "nproc; grep -i 'system ram' /proc/iomem; cat /proc/cmdline";
+        let probe = "nproc; grep -i system.ram /proc/iomem; cat /proc/cmdline";
         let script = format!(
             r#"
 run_case hello --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{hello}'
 run_case smp1 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 1 --memory 256M --cmdline '{smp} tandem.test=one'
 run_case smp2 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{smp} tandem.test=two'
 run_case smp4 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 4 --memory 1G --cmdline '{smp} tandem.test=four'
-run_case panic --kernel $G/vmlinuz --memory 256M --cmdline 'console=ttyS0 panic=-1'
+run_case panic --kernel $G/vmlinuz --memory 256M --cmdline 'console=ttyS0 reboot=k panic=-1'
+run_case reboot --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{reboot}'
 "#,
+            reboot = exec_cmdline("reboot -f"),
             hello = exec_cmdline("echo tandem-says-$((6*7))"),
             smp = exec_cmdline(probe),
         );
@@ -126,6 +128,18 @@ fn a_panicking_kernel_makes_tandem_fail_clearly_and_promptly() {
         "last line: {last:?}"
     );
     assert!(c.secs <= 60, "took {} s", c.secs);
+}
+
+#[test]
+fn a_guest_reboot_ends_tandem_with_status_4() {
+    let (cases, all) = cloud_session();
+    let c = case(cases, all, "reboot");
+    assert_eq!(c.rc, 4, "output:\n{}", c.output);
+    assert!(
+        c.output.contains("tandem: the guest rebooted"),
+        "output:\n{}",
+        c.output
+    );
 }
 
 #[test]

@@ -49,6 +49,7 @@ impl MutDevicePio for AcpiPmDevice {
     }
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        tracing::debug!("acpi: write {data:?} at offset {offset}");
         let (0, [value]) = (offset, data) else { return };
         let evt = match decode(*value) {
             Some(PlatformEvent::PowerOff) => &self.poweroff,

@@ -34,6 +34,7 @@ impl MutDevicePio for I8042 {
     }
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        tracing::debug!("i8042: write {data:?} at offset {offset}");
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.dev.write(off, *value) {
                 tracing::warn!("i8042: reset notification failed: {e}");

@@ -25,7 +25,7 @@ G=${GUESTS:-/guests}
 run_case() {
   name=$1; shift
   start=$(date +%s)
-  timeout 150 tandem run "$@" >/tmp/case.out 2>&1
+  timeout 150 tandem run "$@" </dev/null >/tmp/case.out 2>&1
   rc=$?
   end=$(date +%s)
   echo "@@@BEGIN $name"
@@ -66,7 +66,10 @@ fn host_kvm_is_fast() -> bool {
 
 /// Runs `script` where guests can boot; returns the cases it ran, by name, plus the whole output.
 pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
-    let full = format!("{PRELUDE}\n{script}");
+    // One test host at a time: two emulated hosts on two cores only slow each other down.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let full = format!("{PRELUDE}\n{script}\necho @@@DONE\nsleep 1\n");
     let output = if host_kvm_is_fast() {
         let guests = xtask()
             .arg("guests-dir")
@@ -123,7 +126,7 @@ fn parse_cases(text: &str) -> HashMap<String, Case> {
         } else if let Some(rest) = line.strip_prefix("@@@END ") {
             let mut parts = rest.split_whitespace();
             let name = parts.next().unwrap_or_default().to_string();
-            let field = |p: &str| {
+            let field = |p: &str| -> Option<i64> {
                 rest.split_whitespace()
                     .find_map(|f| f.strip_prefix(p))
                     .and_then(|v| v.parse().ok())
@@ -135,7 +138,7 @@ fn parse_cases(text: &str) -> HashMap<String, Case> {
                         Case {
                             output,
                             rc: field("rc=").unwrap_or(-1) as i32,
-                            secs: field("secs=").unwrap_or(0),
+                            secs: field("secs=").unwrap_or(0) as u64,
                         },
                     );
                 }
@@ -157,7 +160,7 @@ pub fn case<'a>(cases: &'a HashMap<String, Case>, all: &str, name: &str) -> &'a 
 
 /// Kernel command line for a guest that runs `cmd` (single quotes only) and powers off.
 pub fn exec_cmdline(cmd: &str) -> String {
-    format!("console=ttyS0 reboot=acpi panic=-1 quiet tandem.exec=\"{cmd}\"")
+    format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\"{cmd}\"")
 }
 
 /// Sum of the "System RAM" ranges in a /proc/iomem dump.
