@@ -3,12 +3,29 @@
 use std::io::Write;
 use std::process::Command;
 
-fn tandem(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+/// The tandem binary, run as an unprivileged user when `unprivileged` (setpriv, from
+/// util-linux, drops root's rights).
+fn tandem_cmd(unprivileged: bool) -> Command {
+    if unprivileged {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_tandem"),
+        ]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+    }
+}
+
+fn tandem(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = cmd
         .args(args)
         .envs(env.iter().copied())
         .output()
-        .unwrap();
+        .expect("cannot start tandem (or setpriv, from util-linux)");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -16,8 +33,11 @@ fn tandem(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 }
 
 fn fake_kernel() -> std::path::PathBuf {
-    // A file with a bzImage header: enough to pass the format check.
-    let path = std::env::temp_dir().join(format!("tandem-fake-bzimage-{}", std::process::id()));
+    // A file with a bzImage header: enough to pass the format check. One file per call: tests
+    // run in parallel and must not rewrite a file another one is reading.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("tandem-fake-bzimage-{}-{n}", std::process::id()));
     let mut bytes = vec![0u8; 0x400];
     bytes[0x202..0x206].copy_from_slice(b"HdrS");
     std::fs::File::create(&path)
@@ -28,7 +48,11 @@ fn fake_kernel() -> std::path::PathBuf {
 }
 
 fn assert_one_clear_line(args: &[&str], env: &[(&str, &str)], expect: &str) {
-    let (rc, err) = tandem(args, env);
+    assert_one_clear_line_from(tandem_cmd(false), args, env, expect);
+}
+
+fn assert_one_clear_line_from(cmd: Command, args: &[&str], env: &[(&str, &str)], expect: &str) {
+    let (rc, err) = tandem(cmd, args, env);
     assert_eq!(rc, 2, "{args:?}: status; stderr: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: exactly one line, got:\n{err}");
@@ -133,35 +157,14 @@ fn kvm_device_not_permitted() {
     std::fs::File::create(&dev).unwrap();
     std::fs::set_permissions(&dev, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let k = fake_kernel();
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc_geteuid() } == 0;
-    let out = if root {
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                env!("CARGO_BIN_EXE_tandem"),
-                "run",
-                "--kernel",
-            ])
-            .arg(&k)
-            .env("TANDEM_KVM_DEVICE", &dev)
-            .output()
-            .expect("setpriv (util-linux) is needed to drop privileges")
-    } else {
-        Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["run", "--kernel"])
-            .arg(&k)
-            .env("TANDEM_KVM_DEVICE", &dev)
-            .output()
-            .unwrap()
-    };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("permission denied opening") && err.contains("kvm"),
-        "{err}"
+    let dev_env = dev.to_str().unwrap();
+    assert_one_clear_line_from(
+        tandem_cmd(root),
+        &["run", "--kernel", k.to_str().unwrap()],
+        &[("TANDEM_KVM_DEVICE", dev_env)],
+        &format!("permission denied opening {dev_env}"),
     );
 }
 

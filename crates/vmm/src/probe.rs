@@ -46,9 +46,10 @@ fn probe_code(iterations: u64) -> Vec<u8> {
 
 /// Runs the probe in a throw-away VM with one vCPU in 64-bit mode.
 pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
-    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_MEM)])
         .map_err(|e| VmError::Memory(e.to_string()))?;
+    // Declared after `mem`, so dropped before it: the VM never outlives its memory.
+    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
     let host = mem
         .get_host_address(GuestAddress(0))
         .map_err(|e| VmError::Memory(e.to_string()))?;
@@ -59,9 +60,8 @@ pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
         userspace_addr: host as u64,
         flags: 0,
     };
-    // SAFETY: `mem` is a live mapping of PROBE_MEM bytes that outlives `vm` (both are dropped at
-    // the end of this function, the VM first as it was declared first... and KVM holds no
-    // reference to user memory after the VM fd is closed).
+    // SAFETY: `mem` is a live mapping of PROBE_MEM bytes; `vm` and its vCPU are dropped before
+    // it (reverse declaration order), so the guest can never run on unmapped memory.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     regs::write_boot_tables(&mem).map_err(|e| VmError::Memory(e.to_string()))?;

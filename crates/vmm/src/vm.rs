@@ -174,8 +174,8 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of it:
-        // the VM (and every vCPU) is torn down with the process, after `run` returns.
+        // SAFETY: the region is a live mapping owned by `mem`. Every vCPU thread holds a clone of
+        // `mem` (see `run`), so the mapping stays in place as long as any vCPU can enter the guest.
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -328,9 +328,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
+        // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
+        // the guest, so each thread keeps the mapping alive.
+        let guest_memory = mem.clone();
         thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                let _guest_memory = guest_memory;
                 let mut vcpu = KvmVcpu::new(fd);
                 let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
                 if let Ok(mut r) = reports.lock() {
