@@ -25,11 +25,12 @@ const GUEST_EXEC: &str = "echo BOOT-MARKER-$((40+2))";
 fn configs() -> Vec<(&'static str, String)> {
     let append = format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\\\"{GUEST_EXEC}\\\"");
     let tandem = |kernel: &str| {
-        format!("tandem run --kernel {kernel} --initrd /guests/initramfs.cpio.gz --cpus {CPUS} --memory {MEM_MIB}M --cmdline \"{append}\"")
+        format!("TANDEM_LOG=info tandem run --kernel {kernel} --initrd /guests/initramfs.cpio.gz --cpus {CPUS} --memory {MEM_MIB}M --cmdline \"{append}\"")
     };
-    let qemu = |machine: &str| {
+    // As the issue states the peer: QEMU's default devices for the machine, `-nic none`.
+    let qemu = |machine: &str, extra: &str| {
         format!(
-            "qemu-system-x86_64 -M {machine} -accel kvm -cpu host -m {MEM_MIB}M -smp {CPUS} -nodefaults -no-user-config \
+            "qemu-system-x86_64 -M {machine} -accel kvm -cpu host -m {MEM_MIB}M -smp {CPUS} {extra} \
              -display none -serial stdio -nic none -no-reboot -kernel /guests/vmlinuz \
              -initrd /guests/initramfs.cpio.gz -append \"{append}\""
         )
@@ -37,8 +38,13 @@ fn configs() -> Vec<(&'static str, String)> {
     vec![
         ("tandem-bzImage", tandem("/guests/vmlinuz")),
         ("tandem-vmlinux", tandem("/guests/vmlinux")),
-        ("qemu-pc", qemu("pc")),
-        ("qemu-microvm", qemu("microvm")),
+        ("qemu-pc", qemu("pc", "")),
+        ("qemu-microvm", qemu("microvm", "")),
+        // QEMU trimmed as far as it goes: no default devices (VGA, IDE, floppy, ...).
+        (
+            "qemu-pc-nodefaults",
+            qemu("pc", "-nodefaults -no-user-config"),
+        ),
     ]
 }
 
@@ -107,6 +113,7 @@ struct Sample {
     marker_ms: Option<f64>,
     exit_ms: f64,
     overhead_kib: u64,
+    exits: Option<u64>,
     ok: bool,
 }
 
@@ -123,6 +130,7 @@ impl Sample {
             marker_ms: get("marker_ms=")?.parse().ok(),
             exit_ms: get("exit_ms=")?.parse().ok()?,
             overhead_kib: get("overhead_kib=")?.parse().ok()?,
+            exits: get("exits=").and_then(|v| v.parse().ok()),
             ok: get("rc=")? == "0" && get("marker_ms=")? != "none",
         })
     }
@@ -143,9 +151,9 @@ fn print_table(rows: &[Sample]) {
     let base_mem = median("qemu-pc", &|r| r.overhead_kib as f64);
     println!("boot benchmark: {ROUNDS} boots each, {CPUS} vCPU, {MEM_MIB} MiB, Debian cloud kernel + busybox initramfs, in the nested testbed");
     println!(
-        "| VMM | to marker min/median/max (s) | ×pc | to exit min/median/max (s) | ×pc | VMM RSS outside guest RAM, median (MiB) | ×pc | failures |"
+        "| VMM | to marker min/median/max (s) | ×pc | to exit min/median/max (s) | ×pc | VMM RSS outside guest RAM, median (MiB) | ×pc | VM exits, median | failures |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for name in names {
         let mine: Vec<&Sample> = rows.iter().filter(|r| r.name == name).collect();
         let (m0, m1, m2) = stats(
@@ -155,8 +163,18 @@ fn print_table(rows: &[Sample]) {
         );
         let (e0, e1, e2) = stats(mine.iter().map(|r| r.exit_ms).collect());
         let mem = median(name, &|r| r.overhead_kib as f64);
+        let exits: Vec<f64> = mine
+            .iter()
+            .filter_map(|r| r.exits)
+            .map(|e| e as f64)
+            .collect();
+        let exits = if exits.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{:.0}", stats(exits).1)
+        };
         println!(
-            "| {name} | {:.2} / {:.2} / {:.2} | {:.2} | {:.2} / {:.2} / {:.2} | {:.2} | {:.1} | {:.2} | {} |",
+            "| {name} | {:.2} / {:.2} / {:.2} | {:.2} | {:.2} / {:.2} / {:.2} | {:.2} | {:.1} | {:.2} | {exits} | {} |",
             m0 / 1e3, m1 / 1e3, m2 / 1e3, m1 / base_marker,
             e0 / 1e3, e1 / 1e3, e2 / 1e3, e1 / base_exit,
             mem / 1024.0, mem / base_mem,
@@ -180,10 +198,16 @@ pub fn run_one(args: &[String]) -> Result<i32, String> {
         .args(&cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("bench-run: cannot start {}: {e}", cmd[0]))?;
     let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut err = child.stderr.take().ok_or("no stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
     let (tx, rx) = mpsc::channel();
     let marker = marker.clone();
     std::thread::spawn(move || {
@@ -224,12 +248,24 @@ pub fn run_one(args: &[String]) -> Result<i32, String> {
     let marker_ms = rx.try_recv().ok().map_or("none".to_string(), |d| {
         format!("{:.0}", d.as_secs_f64() * 1e3)
     });
+    let exits =
+        vm_exits(&errors.join().unwrap_or_default()).map_or("none".into(), |n| n.to_string());
     println!(
-        "BENCH name={name} round={round} marker_ms={marker_ms} exit_ms={:.0} overhead_kib={peak_kib} rc={}",
+        "BENCH name={name} round={round} marker_ms={marker_ms} exit_ms={:.0} overhead_kib={peak_kib} exits={exits} rc={}",
         exit.as_secs_f64() * 1e3,
         status.code().unwrap_or(-1)
     );
     Ok(0)
+}
+
+/// Total VM exits from tandem's `vcpuN: M exits (...)` log lines, if it printed any.
+fn vm_exits(log: &str) -> Option<u64> {
+    let counts: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split(" exits (").next().filter(|h| h.len() < l.len()))
+        .filter_map(|head| head.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -258,4 +294,40 @@ fn rss_outside_guest_ram(pid: u32, mem: u64) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_summed_over_vcpus_and_lines_without_them_ignored() {
+        let log = "INFO kernel loaded\nINFO vcpu0: 1200 exits (pio in 1, pio out 2, mmio 0, interrupted 1, other 0)\n\
+                   INFO vcpu1: 34 exits (pio in 0, pio out 0, mmio 0, interrupted 1, other 0)\n";
+        assert_eq!(vm_exits(log), Some(1234));
+        assert_eq!(vm_exits("qemu: warning\n"), None);
+    }
+
+    #[test]
+    fn bench_lines_parse() {
+        let s = Sample::parse("BENCH name=qemu-pc round=2 marker_ms=4100 exit_ms=4200 overhead_kib=58000 exits=none rc=0").unwrap();
+        assert_eq!(
+            (
+                s.name.as_str(),
+                s.marker_ms,
+                s.exit_ms,
+                s.overhead_kib,
+                s.exits,
+                s.ok
+            ),
+            ("qemu-pc", Some(4100.0), 4200.0, 58000, None, true)
+        );
+        assert!(
+            !Sample::parse(
+                "BENCH name=t round=1 marker_ms=none exit_ms=9 overhead_kib=1 exits=5 rc=0"
+            )
+            .unwrap()
+            .ok
+        );
+    }
 }

@@ -57,6 +57,55 @@ pub enum ExitAction {
     Stop(VcpuStop),
 }
 
+/// Exits counted by kind, per vCPU: what keeps the guest out of guest mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub pio_in: u64,
+    /// Port writes.
+    pub pio_out: u64,
+    /// MMIO reads and writes.
+    pub mmio: u64,
+    /// Returns to the VMM because a signal interrupted the run.
+    pub interrupted: u64,
+    /// Everything else (HLT, shutdown, errors).
+    pub other: u64,
+}
+
+impl ExitCounts {
+    /// Counts `exit` under its kind.
+    pub fn record(&mut self, exit: &VmExit<'_>) {
+        let slot = match exit {
+            VmExit::IoIn(..) => &mut self.pio_in,
+            VmExit::IoOut(..) => &mut self.pio_out,
+            VmExit::MmioRead(..) | VmExit::MmioWrite(..) => &mut self.mmio,
+            VmExit::Interrupted => &mut self.interrupted,
+            _ => &mut self.other,
+        };
+        *slot += 1;
+    }
+
+    /// All exits.
+    pub fn total(&self) -> u64 {
+        self.pio_in + self.pio_out + self.mmio + self.interrupted + self.other
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} exits (pio in {}, pio out {}, mmio {}, interrupted {}, other {})",
+            self.total(),
+            self.pio_in,
+            self.pio_out,
+            self.mmio,
+            self.interrupted,
+            self.other
+        )
+    }
+}
+
 /// Routes one exit to the buses and decides what happens next. Never panics on guest input:
 /// accesses nobody claims read as all ones and writes are dropped.
 pub fn handle_exit(exit: VmExit<'_>, bus: &dyn IoBus) -> ExitAction {
@@ -150,6 +199,30 @@ mod tests {
         let mut m = [0u8; 4];
         handle_exit(VmExit::MmioRead(0xd000_0000, &mut m), &bus);
         assert_eq!(m, [0xff; 4]);
+    }
+
+    #[test]
+    fn exits_are_counted_by_kind() {
+        let mut c = ExitCounts::default();
+        let mut d = [0u8; 1];
+        c.record(&VmExit::IoIn(0x3fd, &mut d));
+        c.record(&VmExit::IoOut(0x3f8, &[1]));
+        c.record(&VmExit::IoOut(0x3f8, &[2]));
+        c.record(&VmExit::MmioWrite(0xd000_0000, &[0]));
+        c.record(&VmExit::Interrupted);
+        c.record(&VmExit::Hlt);
+        assert_eq!(
+            c,
+            ExitCounts {
+                pio_in: 1,
+                pio_out: 2,
+                mmio: 1,
+                interrupted: 1,
+                other: 1
+            }
+        );
+        assert_eq!(c.total(), 6);
+        assert!(c.to_string().starts_with("6 exits (pio in 1, pio out 2"));
     }
 
     #[test]

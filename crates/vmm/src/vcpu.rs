@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::exit::{handle_exit, ExitAction, IoBus, VcpuStop};
+use crate::exit::{handle_exit, ExitAction, ExitCounts, IoBus, VcpuStop};
 use crate::hypervisor::{HypervisorError, Vcpu};
 
 /// Where a vCPU is in its life.
@@ -27,8 +27,8 @@ pub struct VcpuReport {
     pub state: VcpuState,
     /// Its registers at the end, for logs.
     pub registers: String,
-    /// How many exits it handled.
-    pub exits: u64,
+    /// The exits it handled, by kind.
+    pub exits: ExitCounts,
 }
 
 /// Runs `vcpu` until it fails or `stop` is set (the VMM sets it, then interrupts `KVM_RUN`).
@@ -39,7 +39,7 @@ pub fn run_loop(
     stop: &AtomicBool,
 ) -> VcpuReport {
     let mut state = VcpuState::Ready;
-    let mut exits = 0u64;
+    let mut exits = ExitCounts::default();
     loop {
         state = match state {
             VcpuState::Ready | VcpuState::Running if stop.load(Ordering::Acquire) => {
@@ -47,7 +47,7 @@ pub fn run_loop(
             }
             VcpuState::Ready | VcpuState::Running => match vcpu.run() {
                 Ok(exit) => {
-                    exits += 1;
+                    exits.record(&exit);
                     match handle_exit(exit, bus) {
                         ExitAction::Resume | ExitAction::CheckRequests => VcpuState::Running,
                         ExitAction::Stop(reason) => VcpuState::Failed(reason),
@@ -129,7 +129,11 @@ mod tests {
         let bus = Bus::default();
         let r = run_loop(1, &mut v, &bus, &AtomicBool::new(false));
         assert_eq!(r.state, VcpuState::Failed(VcpuStop::TripleFault));
-        assert_eq!(r.exits, 4);
+        assert_eq!(r.exits.total(), 4);
+        assert_eq!(
+            (r.exits.pio_in, r.exits.pio_out, r.exits.interrupted),
+            (1, 1, 1)
+        );
         assert_eq!(r.index, 1);
         assert_eq!(r.registers, "rip=0x1234");
         assert_eq!(*bus.0.lock().unwrap(), vec![0x3f8, 0x3fd]);
@@ -143,6 +147,6 @@ mod tests {
         };
         let r = run_loop(0, &mut v, &Bus::default(), &AtomicBool::new(true));
         assert_eq!(r.state, VcpuState::Stopped);
-        assert_eq!(r.exits, 0);
+        assert_eq!(r.exits.total(), 0);
     }
 }

@@ -266,6 +266,45 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
     })
 }
 
+/// The signal that interrupts `KVM_RUN` so a vCPU thread sees its stop request.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs a no-op handler for the kick signal: its only job is to make `KVM_RUN` return EINTR.
+fn register_kick_handler() -> Result<(), VmError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| VmError::Device(io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Asks every vCPU to stop and interrupts its `KVM_RUN` until it has (kicks repeat, as a kick can
+/// land just before the thread enters the guest). Gives up after half a second.
+fn stop_vcpus(handles: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
+    use vmm_sys_util::signal::Killable;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < deadline {
+        let running: Vec<&thread::JoinHandle<()>> =
+            handles.iter().filter(|h| !h.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        for h in running {
+            let _ = h.kill(kick_signal());
+        }
+        thread::sleep(std::time::Duration::from_millis(2));
+    }
+    for h in handles {
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!("a vCPU thread did not stop in time");
+        }
+    }
+}
+
 /// Builds the VM described by `cfg` and runs it until the guest powers off, resets or fails.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = open_kvm()?;
@@ -321,6 +360,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let vcpu_done = EventFdTrigger::new().map_err(VmError::Device)?;
     let reports: Arc<Mutex<Vec<VcpuReport>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    register_kick_handler()?;
+    let mut handles = Vec::with_capacity(cfg.vcpus.into());
     for index in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(index.into())
@@ -331,7 +372,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
         // the guest, so each thread keeps the mapping alive.
         let guest_memory = mem.clone();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let _guest_memory = guest_memory;
@@ -343,8 +384,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 let _ = done.write(1);
             })
             .map_err(VmError::Device)?;
+        handles.push(handle);
     }
 
+    tracing::info!("{} vCPUs started", cfg.vcpus);
     let event = event_loop::run(EventSources {
         poweroff: &poweroff,
         reset: &reset,
@@ -354,6 +397,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         escape: cfg.escape,
     })?;
     let _ = io::stdout().flush();
+    tracing::info!("guest stopped: {event:?}");
+    stop_vcpus(handles, &stop);
+    if let Ok(reports) = reports.lock() {
+        for r in reports.iter() {
+            tracing::info!("vcpu{}: {}", r.index, r.exits);
+        }
+    }
     Ok(match event {
         event_loop::LoopEnd::PowerOff => VmOutcome::PowerOff,
         event_loop::LoopEnd::Reset => match panic.reason() {
@@ -362,7 +412,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         },
         event_loop::LoopEnd::UserQuit => VmOutcome::UserQuit,
         event_loop::LoopEnd::VcpuDone => {
-            let r = reports.lock().ok().and_then(|r| r.first().cloned());
+            let r = reports.lock().ok().and_then(|r| {
+                r.iter()
+                    .find(|r| matches!(r.state, crate::vcpu::VcpuState::Failed(_)))
+                    .cloned()
+            });
             match (panic.reason(), r) {
                 (Some(reason), _) => VmOutcome::Panic(reason),
                 (None, Some(r)) => VmOutcome::VcpuFailed {
