@@ -11,7 +11,7 @@ use crate::terminal::RawTerminal;
 use crate::EXIT_USAGE;
 
 /// The command line used when `--cmdline` is not given.
-/// `reboot=k`: the guest resets through the i8042 (its ACPI reset path does not reach tandem yet).
+/// `reboot=k`: the guest resets straight through the i8042 (every other method works too).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// Exit status when the guest kernel panicked.

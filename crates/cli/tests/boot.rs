@@ -23,10 +23,11 @@ run_case hello --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M -
 run_case smp1 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 1 --memory 256M --cmdline '{smp} tandem.test=one'
 run_case smp2 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{smp} tandem.test=two'
 run_case smp4 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 4 --memory 1G --cmdline '{smp} tandem.test=four'
-run_case panic --kernel $G/vmlinuz --memory 256M --cmdline 'console=ttyS0 reboot=k panic=-1'
+run_case panic --kernel $G/vmlinuz --memory 256M --cmdline 'console=ttyS0 panic=-1'
 run_case reboot --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{reboot}'
 "#,
-            reboot = exec_cmdline("reboot -f"),
+            // Linux's own reboot method (no reboot=): on this platform it ends at the reset vector.
+            reboot = "console=ttyS0 panic=-1 quiet tandem.exec=\"reboot -f\"",
             hello = exec_cmdline("echo tandem-says-$((6*7))"),
             smp = exec_cmdline(probe),
         );

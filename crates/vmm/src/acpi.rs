@@ -16,7 +16,7 @@ use acpi_tables::{aml, Aml};
 use tandem_devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, S5_SLEEP_TYPE};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 
-use crate::layout::{ACPI_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
 
 const OEM_ID: [u8; 6] = *b"TANDEM";
 const OEM_TABLE_ID: [u8; 8] = *b"TANDEMVM";
@@ -31,7 +31,7 @@ const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// Errors building the tables.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AcpiError {
-    /// The tables do not fit between [`ACPI_START`] and 1 MiB.
+    /// The tables do not fit between [`ACPI_START`] and the reset vector.
     #[error("ACPI tables need {0} bytes, more than the reserved area")]
     TooLarge(usize),
     /// Too many vCPUs for 8-bit APIC IDs.
@@ -179,7 +179,7 @@ pub fn build(cpus: usize) -> Result<AcpiTables, AcpiError> {
     let xsdt_addr = push(&mut blob, *b"XSDT", to_bytes(&xsdt));
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     blob[..rsdp.len()].copy_from_slice(&rsdp);
-    if base + blob.len() as u64 > HIMEM_START {
+    if base + blob.len() as u64 > RESET_VECTOR {
         return Err(AcpiError::TooLarge(blob.len()));
     }
     Ok(AcpiTables {

@@ -4,7 +4,7 @@
 //! 0x0000_0000  RAM: real-mode area, GDT (0x500), zero page (0x7000), boot stack, page tables
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (not RAM to the guest)
-//! 0x000e_0000  ACPI tables (RSDP first), reserved
+//! 0x000e_0000  ACPI tables (RSDP first), reserved; reset stub at the reset vector 0xffff0
 //! 0x0010_0000  RAM: kernel, initramfs (as high as it fits below the MMIO hole), rest
 //! 0xc000_0000  MMIO hole (1 GiB): IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, later PCI BARs
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than 3 GiB
@@ -30,6 +30,9 @@ pub const CMDLINE_MAX: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables, starting with the RSDP (found here by the kernel's legacy scan too).
 pub const ACPI_START: u64 = 0xe0000;
+/// Where an x86 CPU starts after reset (F000:FFF0); guests that reboot "through the BIOS" jump
+/// here, so tandem puts a tiny reset stub there (see [`crate::boot::RESET_STUB`]).
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// End of the low 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

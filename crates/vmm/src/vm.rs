@@ -206,6 +206,7 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmErro
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
         .map_err(boot::BootError::from)?;
     regs::write_boot_tables(mem).map_err(boot::BootError::from)?;
+    boot::write_reset_stub(mem)?;
     tracing::info!(format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
     Ok(kernel.entry)
 }

@@ -232,6 +232,24 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
+/// Real-mode code at the reset vector: pulse the i8042's reset line, then halt.
+///
+/// Linux on hardware-reduced ACPI without EFI picks "EFI reboot", which falls back to a jump to
+/// the BIOS reset vector. With no firmware there, the guest would run zeros forever; this stub
+/// turns that jump into a reset tandem sees, as a BIOS would.
+pub const RESET_STUB: [u8; 7] = [
+    0xb0, 0xfe, // mov al, 0xfe      (i8042 command: pulse reset)
+    0xe6, 0x64, // out 0x64, al
+    0xf4, //       hlt
+    0xeb, 0xfd, // jmp short to hlt
+];
+
+/// Writes [`RESET_STUB`] at the reset vector.
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&RESET_STUB, GuestAddress(crate::layout::RESET_VECTOR))?;
+    Ok(())
+}
+
 /// Writes the NUL-terminated command line; returns its length including the NUL.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
     if cmdline.as_bytes().contains(&0) {
@@ -283,6 +301,22 @@ mod tests {
             detect_format(&mut f, &p),
             Err(BootError::NotAKernel(_))
         ));
+    }
+
+    #[test]
+    fn reset_stub_sits_at_the_reset_vector_inside_the_first_mib() {
+        use crate::layout::{HIMEM_START, RESET_VECTOR};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        write_reset_stub(&mem).unwrap();
+        let mut got = [0u8; RESET_STUB.len()];
+        mem.read_slice(&mut got, GuestAddress(RESET_VECTOR))
+            .unwrap();
+        assert_eq!(got, RESET_STUB);
+        assert!(RESET_VECTOR + RESET_STUB.len() as u64 <= HIMEM_START);
+        // `out 0x64, al` with al = 0xfe: the command the i8042 model treats as a reset.
+        assert_eq!(&got[..4], &[0xb0, 0xfe, 0xe6, 0x64]);
+        // The jump goes back to the hlt: offset 7 - 3 = 4.
+        assert_eq!(7 + (got[6] as i8) as i64, 4);
     }
 
     #[test]
