@@ -25,10 +25,21 @@ run_case smp2 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 2 --memor
 run_case smp4 --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --cpus 4 --memory 1G --cmdline '{smp} tandem.test=four'
 run_case panic --kernel $G/vmlinuz --memory 256M --cmdline 'console=ttyS0 panic=-1'
 run_case reboot --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{reboot}'
+run_case triple --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{triple}'
+lines() {{ i=0; while [ $i -lt 90 ]; do echo tandem-input; sleep 1; i=$((i+1)); done; }}
+lines | record input timeout 150 tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cmdline '{input}'
+record doctor tandem doctor </dev/null
 "#,
+            // reboot=t: Linux resets by triple fault, which tandem reports as a vCPU failure.
+            triple = "console=ttyS0 reboot=t panic=-1 quiet tandem.exec=\"reboot -f\"",
+            // Bytes sent before the guest's UART driver is up are lost, as on a real serial line:
+            // read until one whole line arrives.
+            input = exec_cmdline("while read line; do [ x$line = xtandem-input ] && break; done; echo got-$line"),
             // Linux's own reboot method (no reboot=): on this platform it ends at the reset vector.
             reboot = "console=ttyS0 panic=-1 quiet tandem.exec=\"reboot -f\"",
-            hello = exec_cmdline("echo tandem-says-$((6*7))"),
+            hello = exec_cmdline(
+                "echo tandem-says-$((6*7)); cat /sys/devices/system/clocksource/clocksource0/current_clocksource"
+            ),
             smp = exec_cmdline(probe),
         );
         run_script(&script)
@@ -70,6 +81,57 @@ fn stock_kernel_runs_a_command_and_its_output_reaches_the_host() {
     let c = case(cases, all, "hello");
     assert_clean_poweroff(c);
     assert!(c.output.contains("tandem-says-42"), "output:\n{}", c.output);
+    assert!(
+        c.output.lines().any(|l| l.trim() == "kvm-clock"),
+        "the guest should use kvmclock; output:\n{}",
+        c.output
+    );
+}
+
+#[test]
+fn host_input_reaches_the_guest_console() {
+    let (cases, all) = cloud_session();
+    let c = case(cases, all, "input");
+    assert_clean_poweroff(c);
+    assert!(
+        c.output.contains("got-tandem-input"),
+        "output:\n{}",
+        c.output
+    );
+}
+
+#[test]
+fn a_triple_fault_fails_with_the_reason_and_registers() {
+    let (cases, all) = cloud_session();
+    let c = case(cases, all, "triple");
+    assert_eq!(c.rc, 5, "output:\n{}", c.output);
+    let last = c
+        .output
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("tandem: vCPU 0 stopped: triple fault"),
+        "last line: {last:?}"
+    );
+    assert!(
+        last.contains("rip=") && last.contains("cr0="),
+        "registers missing: {last:?}"
+    );
+}
+
+#[test]
+fn doctor_says_guests_run_at_speed_where_they_boot() {
+    let (cases, all) = cloud_session();
+    let c = case(cases, all, "doctor");
+    assert_eq!(c.rc, 0, "output:\n{}", c.output);
+    assert!(
+        c.output
+            .contains("verdict: ok: guest kernels run at hardware speed"),
+        "output:\n{}",
+        c.output
+    );
 }
 
 #[test]

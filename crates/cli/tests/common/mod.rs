@@ -10,27 +10,33 @@ use std::process::Command;
 /// What one `run_case` in the script produced.
 #[derive(Debug, Clone)]
 pub struct Case {
-    /// tandem's stdout and stderr (the guest console, then tandem's messages).
+    /// The command's stdout and stderr (for `tandem run`: the guest console, then tandem's
+    /// messages).
     pub output: String,
-    /// tandem's exit status.
+    /// Its exit status.
     pub rc: i32,
-    /// Whole seconds tandem ran.
+    /// Whole seconds it ran.
     pub secs: u64,
 }
 
-/// Shell helpers prepended to every script: `run_case NAME ARGS...` runs `tandem run ARGS...`
-/// and prints its output between markers the harness parses.
+/// Shell helpers prepended to every script: `record NAME CMD...` runs CMD and prints its output
+/// between markers the harness parses; `run_case NAME ARGS...` records `tandem run ARGS...` with
+/// no input.
 const PRELUDE: &str = r#"
 G=${GUESTS:-/guests}
-run_case() {
+record() {
   name=$1; shift
   start=$(date +%s)
-  timeout 150 tandem run "$@" </dev/null >/tmp/case.out 2>&1
+  "$@" >/tmp/case-$name.out 2>&1
   rc=$?
   end=$(date +%s)
   echo "@@@BEGIN $name"
-  cat /tmp/case.out
+  cat /tmp/case-$name.out
   echo "@@@END $name rc=$rc secs=$((end-start))"
+}
+run_case() {
+  name=$1; shift
+  record "$name" timeout 150 tandem run "$@" </dev/null
 }
 "#;
 
