@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use tandem_vmm::boot::BootProtocol;
 use tandem_vmm::{SerialOutput, VmConfig, VmError, VmOutcome};
 
 use crate::size::parse_size;
@@ -38,6 +39,9 @@ pub struct RunArgs {
     /// Guest memory: 512M, 2G, ... (a bare number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     memory: u64,
+    /// Kernel entry: auto (PVH for ELF kernels that have it, else Linux 64-bit), linux or pvh.
+    #[arg(long, value_name = "PROTOCOL", default_value = "auto", value_parser = parse_boot)]
+    boot: BootProtocol,
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialOutput,
@@ -49,6 +53,15 @@ fn parse_cpus(s: &str) -> Result<u8, String> {
         Ok(n) if n <= 254 => Ok(n as u8),
         Ok(n) => Err(format!("{n} is more than tandem's limit of 254")),
         Err(_) => Err(format!("'{s}' is not a number")),
+    }
+}
+
+fn parse_boot(s: &str) -> Result<BootProtocol, String> {
+    match s {
+        "auto" => Ok(BootProtocol::Auto),
+        "linux" => Ok(BootProtocol::Linux),
+        "pvh" => Ok(BootProtocol::Pvh),
+        _ => Err(format!("'{s}' is not auto, linux or pvh")),
     }
 }
 
@@ -100,6 +113,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         serial: args.serial,
         stdin: interactive,
         escape: false,
+        boot: args.boot,
     };
     // Check everything that can be checked before touching the terminal.
     if let Err(e) = tandem_vmm::vm::open_kvm().and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))

@@ -46,7 +46,8 @@ record doctor tandem doctor </dev/null
     })
 }
 
-/// PREEMPT_RT and generic kernels (bzImage), and the cloud kernel as an ELF vmlinux.
+/// PREEMPT_RT and generic kernels (bzImage), and the cloud kernel as an ELF vmlinux through both
+/// entry protocols (tandem's info log names the entry it used).
 fn flavours_session() -> &'static Session {
     static S: OnceLock<Session> = OnceLock::new();
     S.get_or_init(|| {
@@ -55,7 +56,10 @@ fn flavours_session() -> &'static Session {
             r#"
 run_case rt --kernel $G/vmlinuz-rt --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
 run_case generic --kernel $G/vmlinuz-generic --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
+export TANDEM_LOG=info
 run_case elf --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
+run_case elf-linux --boot linux --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
+run_case pvh-bzimage --boot pvh --kernel $G/vmlinuz --memory 256M
 "#
         );
         run_script(&script)
@@ -236,13 +240,30 @@ fn generic_kernel_boots() {
 }
 
 #[test]
-fn elf_vmlinux_boots() {
+fn elf_vmlinux_boots_through_pvh_by_default_and_through_the_64bit_entry() {
     let (cases, all) = flavours_session();
-    let c = case(cases, all, "elf");
-    assert_clean_poweroff(c);
-    assert!(
-        c.output.contains("cloud-amd64"),
-        "the ELF is the cloud kernel; output:\n{}",
-        c.output
-    );
+    for (name, entry) in [("elf", "entry=Pvh("), ("elf-linux", "entry=Linux64(")] {
+        let c = case(cases, all, name);
+        assert_clean_poweroff(c);
+        assert!(
+            c.output.contains("cloud-amd64"),
+            "{name}: the ELF is the cloud kernel; output:\n{}",
+            c.output
+        );
+        assert!(
+            c.output.contains(entry),
+            "{name}: expected {entry} in tandem's log; output:\n{}",
+            c.output
+        );
+    }
+}
+
+#[test]
+fn pvh_on_a_bzimage_is_bad_input() {
+    let (cases, all) = flavours_session();
+    let c = case(cases, all, "pvh-bzimage");
+    assert_eq!(c.rc, 2, "output:\n{}", c.output);
+    let out = c.output.trim();
+    assert_eq!(out.lines().count(), 1, "one line: {out:?}");
+    assert!(out.starts_with("tandem: ") && out.ends_with("/vmlinuz has no PVH entry point (only ELF kernels built with CONFIG_PVH have one); use --boot linux"), "{out:?}");
 }

@@ -6,17 +6,20 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{BOOT_STACK, GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 
-/// GDT: null, null, 64-bit code (selector 0x10, `__BOOT_CS`), data (0x18, `__BOOT_DS`), TSS.
-pub const GDT: [u64; 5] = [
+/// GDT: null, null, 64-bit code (selector 0x10, `__BOOT_CS`), data (0x18, `__BOOT_DS`), TSS,
+/// and 32-bit code (0x28) for the PVH entry.
+pub const GDT: [u64; 6] = [
     0,
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
+    gdt_entry(0xc09b, 0, 0xfffff),
 ];
 const CODE_IDX: usize = 2;
 const DATA_IDX: usize = 3;
 const TSS_IDX: usize = 4;
+const CODE32_IDX: usize = 5;
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
@@ -97,6 +100,34 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.cr4 |= CR4_PAE;
     sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
+}
+
+/// Puts `sregs` in flat 32-bit protected mode without paging, as the PVH entry requires.
+pub fn protected_mode_sregs(sregs: &mut kvm_sregs) {
+    let code = segment_from_gdt(GDT[CODE32_IDX], CODE32_IDX);
+    let data = segment_from_gdt(GDT[DATA_IDX], DATA_IDX);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(GDT[TSS_IDX], TSS_IDX);
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !CR0_PG;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
+/// General registers at a PVH entry point, with the start info in RBX.
+pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: start_info,
+        ..Default::default()
+    }
 }
 
 /// General registers at the kernel's 64-bit entry point, with the zero page in RSI.
@@ -194,6 +225,22 @@ mod tests {
         assert_eq!(pde & !0xfff, va, "identity");
         let gdt2: u64 = mem.read_obj(GuestAddress(GDT_ADDR + 16)).unwrap();
         assert_eq!(gdt2, GDT[2]);
+    }
+
+    #[test]
+    fn pvh_entry_is_flat_32bit_protected_mode_without_paging() {
+        let mut s = kvm_sregs::default();
+        long_mode_sregs(&mut s);
+        protected_mode_sregs(&mut s);
+        assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((s.cr4, s.efer), (0, 0));
+        assert_eq!(
+            (s.cs.selector, s.cs.db, s.cs.l, s.cs.base, s.cs.limit),
+            (0x28, 1, 0, 0, 0xffff_ffff)
+        );
+        assert_eq!((s.ds.db, s.ds.limit, s.ss.selector), (1, 0xffff_ffff, 0x18));
+        let r = pvh_regs(0x100_0850, 0x6000);
+        assert_eq!((r.rip, r.rbx, r.rflags), (0x100_0850, 0x6000, 2));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tandem_devices::{
     AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042,
 };
 
-use crate::boot::{self, params::BootInfo};
+use crate::boot::{self, params::BootInfo, Entry};
 use crate::bus::DeviceBus;
 use crate::error::VmError;
 use crate::event_loop::{self, EventSources};
@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub stdin: bool,
     /// Whether stdin is a terminal in raw mode (enables the Ctrl-A x escape).
     pub escape: bool,
+    /// How to enter the kernel.
+    pub boot: boot::BootProtocol,
 }
 
 /// How a VM ended.
@@ -182,9 +184,11 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
     Ok(mem)
 }
 
-/// Loads kernel, initramfs, command line, ACPI tables and the zero page; returns the entry.
-fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmError> {
+/// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures (zero
+/// page or PVH start info); returns where the boot vCPU starts.
+fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Entry, VmError> {
     let kernel = boot::load_kernel(mem, &cfg.kernel)?;
+    let entry = kernel.entry(cfg.boot, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
         Some(p) => Some(boot::load_initrd(mem, cfg.memory, &kernel, p)?),
         None => None,
@@ -194,24 +198,38 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmErro
     mem.write_slice(&tables.blob, GuestAddress(tables.base))
         .map_err(boot::BootError::from)?;
     let e820 = layout::e820_map(cfg.memory);
-    let params = boot::params::build_boot_params(&BootInfo {
-        header: kernel.header,
-        cmdline_addr: layout::CMDLINE_ADDR,
-        cmdline_len,
-        initrd,
-        e820: &e820,
-        rsdp_addr: tables.rsdp_addr(),
-    })
-    .map_err(|e| boot::BootError::Cmdline(e.to_string()))?;
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
-        .map_err(boot::BootError::from)?;
+    match entry {
+        Entry::Linux64(_) => {
+            let params = boot::params::build_boot_params(&BootInfo {
+                header: kernel.header,
+                cmdline_addr: layout::CMDLINE_ADDR,
+                cmdline_len,
+                initrd,
+                e820: &e820,
+                rsdp_addr: tables.rsdp_addr(),
+            })
+            .map_err(|e| boot::BootError::Cmdline(e.to_string()))?;
+            mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
+                .map_err(boot::BootError::from)?;
+        }
+        Entry::Pvh(_) => {
+            let info = boot::pvh::build(layout::CMDLINE_ADDR, initrd, &e820, tables.rsdp_addr())?;
+            boot::pvh::write(mem, &info)?;
+        }
+    }
     regs::write_boot_tables(mem).map_err(boot::BootError::from)?;
     boot::write_reset_stub(mem)?;
-    tracing::info!(format = ?kernel.format, entry = format_args!("{:#x}", kernel.entry), "kernel loaded");
-    Ok(kernel.entry)
+    tracing::info!(format = ?kernel.format, ?entry, "kernel loaded");
+    Ok(entry)
 }
 
-fn configure_vcpu(kvm: &Kvm, fd: &VcpuFd, index: u8, count: u8, entry: u64) -> Result<(), VmError> {
+fn configure_vcpu(
+    kvm: &Kvm,
+    fd: &VcpuFd,
+    index: u8,
+    count: u8,
+    entry: Entry,
+) -> Result<(), VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -229,11 +247,19 @@ fn configure_vcpu(kvm: &Kvm, fd: &VcpuFd, index: u8, count: u8, entry: u64) -> R
         .map_err(VmError::kvm("KVM_SET_LAPIC"))?;
     if index == 0 {
         let mut sregs = fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
-        regs::long_mode_sregs(&mut sregs);
+        let regs = match entry {
+            Entry::Linux64(addr) => {
+                regs::long_mode_sregs(&mut sregs);
+                regs::boot_regs(addr)
+            }
+            Entry::Pvh(addr) => {
+                regs::protected_mode_sregs(&mut sregs);
+                regs::pvh_regs(addr, boot::pvh::START_INFO_ADDR)
+            }
+        };
         fd.set_sregs(&sregs)
             .map_err(VmError::kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&regs::boot_regs(entry))
-            .map_err(VmError::kvm("KVM_SET_REGS"))?;
+        fd.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))?;
     }
     Ok(())
 }

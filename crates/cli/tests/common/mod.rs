@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// What one `run_case` in the script produced.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct Case {
 /// no input.
 const PRELUDE: &str = r#"
 G=${GUESTS:-/guests}
+# A heartbeat with the test host's uptime: if it stops, the (emulated) test host hung.
+( while sleep 10; do echo "@@@HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"; done ) &
 record() {
   name=$1; shift
   start=$(date +%s)
@@ -77,50 +79,104 @@ pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let full = format!("{PRELUDE}\n{script}\necho @@@DONE\nsleep 1\n");
     let output = if host_kvm_is_fast() {
-        let guests = xtask()
-            .arg("guests-dir")
-            .output()
-            .expect("xtask guests-dir");
-        assert!(
-            guests.status.success(),
-            "xtask guests-dir failed: {}",
-            String::from_utf8_lossy(&guests.stderr)
-        );
-        let dir = String::from_utf8_lossy(&guests.stdout).trim().to_string();
-        let mut path = std::env::var_os("PATH").unwrap_or_default();
-        path = std::env::join_paths(
-            std::iter::once(workspace_root().join("target/release"))
-                .chain(std::env::split_paths(&path)),
-        )
-        .unwrap();
-        Command::new("sh")
-            .args(["-c", &full])
-            .env("GUESTS", dir)
-            .env("PATH", path)
-            .output()
+        run_on_host(&full)
     } else {
-        xtask()
-            .args([
-                "testbed",
-                "--no-build",
-                "--timeout",
-                "600",
-                "--",
-                "sh",
-                "-c",
-                &full,
-            ])
-            .output()
-    }
-    .expect("cannot start the test host");
-    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "")
-        + &String::from_utf8_lossy(&output.stderr);
+        let first = run_in_testbed(&full);
+        match first.status.code() {
+            // The test host hung (its heartbeat stopped well before the timeout) or its kernel
+            // died: that is the emulator, not the code under test. Retry the session once, and
+            // say so.
+            Some(TESTBED_TIMEOUT | TESTBED_FAILED) if test_host_failed(&first) => {
+                eprintln!(
+                    "test host failed (status {:?}, last heartbeat at {:?} s of {TIMEOUT_S} s); retrying the session once. Its output:\n{}",
+                    first.status.code(),
+                    last_heartbeat(&text_of(&first)),
+                    text_of(&first)
+                );
+                run_in_testbed(&full)
+            }
+            _ => first,
+        }
+    };
+    let text = text_of(&output);
     assert!(
         output.status.success(),
         "the test host failed (status {:?}); its output:\n{text}",
         output.status.code()
     );
     (parse_cases(&text), text)
+}
+
+/// Seconds a testbed session may take (a normal one takes well under a minute).
+const TIMEOUT_S: u64 = 300;
+/// `cargo xtask testbed`'s status when its timeout ran out.
+const TESTBED_TIMEOUT: i32 = 124;
+/// `cargo xtask testbed`'s status when the test host itself failed.
+const TESTBED_FAILED: i32 = 125;
+
+fn text_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).replace('\r', "") + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn run_on_host(script: &str) -> Output {
+    let guests = xtask()
+        .arg("guests-dir")
+        .output()
+        .expect("xtask guests-dir");
+    assert!(
+        guests.status.success(),
+        "xtask guests-dir failed: {}",
+        String::from_utf8_lossy(&guests.stderr)
+    );
+    let dir = String::from_utf8_lossy(&guests.stdout).trim().to_string();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(
+        std::iter::once(workspace_root().join("target/release"))
+            .chain(std::env::split_paths(&path)),
+    )
+    .unwrap();
+    Command::new("sh")
+        .args(["-c", script])
+        .env("GUESTS", dir)
+        .env("PATH", path)
+        .output()
+        .expect("cannot run sh")
+}
+
+fn run_in_testbed(script: &str) -> Output {
+    xtask()
+        .args([
+            "testbed",
+            "--no-build",
+            "--timeout",
+            &TIMEOUT_S.to_string(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("cannot start the test host")
+}
+
+/// The test host's uptime at its last heartbeat.
+fn last_heartbeat(text: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("@@@HEARTBEAT ")?.trim().parse().ok())
+        .last()
+}
+
+/// Whether a failed session is the test host's fault: its kernel died (125), or it timed out with
+/// its heartbeat silent for the last minute (every case inside is itself bounded to 150 s, so a
+/// live test host would have ended it).
+fn test_host_failed(o: &Output) -> bool {
+    match o.status.code() {
+        Some(TESTBED_FAILED) => true,
+        Some(TESTBED_TIMEOUT) => {
+            last_heartbeat(&text_of(o)).is_none_or(|t| t + 60.0 < TIMEOUT_S as f64)
+        }
+        _ => false,
+    }
 }
 
 fn parse_cases(text: &str) -> HashMap<String, Case> {
@@ -149,6 +205,8 @@ fn parse_cases(text: &str) -> HashMap<String, Case> {
                     );
                 }
             }
+        } else if line.trim_start().starts_with("@@@HEARTBEAT") {
+            continue;
         } else if let Some((_, out)) = current.as_mut() {
             out.push_str(line);
             out.push('\n');

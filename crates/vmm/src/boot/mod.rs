@@ -2,6 +2,7 @@
 //! memory, and describing them in the zero page.
 
 pub mod params;
+pub mod pvh;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -68,6 +69,9 @@ pub enum BootError {
     /// The command line is too long or contains a NUL.
     #[error("the kernel command line is invalid: {0}")]
     Cmdline(String),
+    /// PVH was asked for but the kernel has no PVH entry point.
+    #[error("{0} has no PVH entry point (only ELF kernels built with CONFIG_PVH have one); use --boot linux")]
+    NoPvhEntry(PathBuf),
     /// Writing to guest memory failed.
     #[error("writing boot data to guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
@@ -82,6 +86,38 @@ pub enum KernelFormat {
     Elf,
 }
 
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BootProtocol {
+    /// PVH when the kernel has a PVH entry (ELF with `CONFIG_PVH`), else the Linux 64-bit protocol.
+    #[default]
+    Auto,
+    /// The Linux boot protocol's 64-bit entry, with the zero page in RSI.
+    Linux,
+    /// The PVH 32-bit entry, with `hvm_start_info` in RBX.
+    Pvh,
+}
+
+/// Where and how the boot vCPU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// 64-bit entry at this address (Linux boot protocol).
+    Linux64(u64),
+    /// 32-bit PVH entry at this address.
+    Pvh(u64),
+}
+
+impl LoadedKernel {
+    /// Resolves `protocol` for this kernel.
+    pub fn entry(&self, protocol: BootProtocol, path: &Path) -> Result<Entry, BootError> {
+        match (protocol, self.pvh_entry) {
+            (BootProtocol::Auto | BootProtocol::Pvh, Some(pvh)) => Ok(Entry::Pvh(pvh)),
+            (BootProtocol::Pvh, None) => Err(BootError::NoPvhEntry(path.to_owned())),
+            (BootProtocol::Auto | BootProtocol::Linux, _) => Ok(Entry::Linux64(self.entry)),
+        }
+    }
+}
+
 /// A kernel in guest memory.
 #[derive(Debug, Clone)]
 pub struct LoadedKernel {
@@ -93,6 +129,8 @@ pub struct LoadedKernel {
     pub header: Option<setup_header>,
     /// End of the memory the kernel occupies, including room to decompress itself.
     pub end: u64,
+    /// The PVH (32-bit) entry point, for ELF kernels that announce one.
+    pub pvh_entry: Option<u64>,
 }
 
 fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
@@ -164,16 +202,22 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 entry: load + BZIMAGE_64BIT_ENTRY,
                 header: Some(hdr),
                 end,
+                pvh_entry: None,
             })
         }
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
+            let pvh_entry = match r.pvh_boot_cap {
+                linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
+                _ => None,
+            };
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load.0,
                 header: None,
                 end: r.kernel_end,
+                pvh_entry,
             })
         }
     }
@@ -281,6 +325,34 @@ mod tests {
         File::create(&path).unwrap().write_all(bytes).unwrap();
         let f = File::open(&path).unwrap();
         (path, f)
+    }
+
+    #[test]
+    fn boot_protocol_resolution() {
+        let k = |pvh_entry| LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x100_0000,
+            header: None,
+            end: 0,
+            pvh_entry,
+        };
+        let p = Path::new("k");
+        assert_eq!(
+            k(Some(0x100_0850)).entry(BootProtocol::Auto, p).unwrap(),
+            Entry::Pvh(0x100_0850)
+        );
+        assert_eq!(
+            k(Some(0x100_0850)).entry(BootProtocol::Linux, p).unwrap(),
+            Entry::Linux64(0x100_0000)
+        );
+        assert_eq!(
+            k(None).entry(BootProtocol::Auto, p).unwrap(),
+            Entry::Linux64(0x100_0000)
+        );
+        assert!(matches!(
+            k(None).entry(BootProtocol::Pvh, p),
+            Err(BootError::NoPvhEntry(_))
+        ));
     }
 
     #[test]
