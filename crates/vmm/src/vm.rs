@@ -334,6 +334,7 @@ fn stop_vcpus(handles: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
 
 /// Builds the VM described by `cfg` and runs it until the guest powers off, resets or fails.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
+    tracing::info!("creating the VM");
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
     let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;

@@ -118,7 +118,8 @@ fn text_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).replace('\r', "") + &String::from_utf8_lossy(&o.stderr)
 }
 
-fn run_on_host(script: &str) -> Output {
+/// The directory of the cached Debian guest images (kernels, initramfs).
+pub fn guests_dir() -> PathBuf {
     let guests = xtask()
         .arg("guests-dir")
         .output()
@@ -128,7 +129,10 @@ fn run_on_host(script: &str) -> Output {
         "xtask guests-dir failed: {}",
         String::from_utf8_lossy(&guests.stderr)
     );
-    let dir = String::from_utf8_lossy(&guests.stdout).trim().to_string();
+    PathBuf::from(String::from_utf8_lossy(&guests.stdout).trim())
+}
+
+fn run_on_host(script: &str) -> Output {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(
         std::iter::once(workspace_root().join("target/release"))
@@ -137,7 +141,7 @@ fn run_on_host(script: &str) -> Output {
     .unwrap();
     Command::new("sh")
         .args(["-c", script])
-        .env("GUESTS", dir)
+        .env("GUESTS", guests_dir())
         .env("PATH", path)
         .output()
         .expect("cannot run sh")
