@@ -56,10 +56,10 @@ fn flavours_session() -> &'static Session {
             r#"
 run_case rt --kernel $G/vmlinuz-rt --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
 run_case generic --kernel $G/vmlinuz-generic --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
+run_case pvh-bzimage --boot pvh --kernel $G/vmlinuz --memory 256M
 export TANDEM_LOG=info
 run_case elf --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
 run_case elf-linux --boot linux --kernel $G/vmlinux --initrd $G/initramfs.cpio.gz --cpus 2 --memory 512M --cmdline '{cmd}'
-run_case pvh-bzimage --boot pvh --kernel $G/vmlinuz --memory 256M
 "#
         );
         run_script(&script)
