@@ -73,10 +73,24 @@ pub fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// `cargo xtask test [ARGS]`: host packages, the release build and the guest images first, then
+/// `cargo xtask test [ARGS]`: host packages, formatting and clippy checks, the release build and
+/// the guest images first, then
 /// `cargo test --workspace ARGS` with the integration tests pointed at this xtask.
 pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
     ensure_host_packages()?;
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     cargo(root, &["build", "--release", "-p", "tandem"])?;
     assets::ensure(&assets::cache_root()?)?;
     let mut args = vec!["test", "--workspace"];

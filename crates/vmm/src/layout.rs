@@ -50,6 +50,9 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// Smallest guest memory tandem accepts.
 pub const MIN_MEMORY: u64 = 32 << 20;
 
+// The interrupt controllers must sit in the MMIO hole, never over RAM.
+const _: () = assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_END);
+
 /// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;
 /// e820 type: reserved.
@@ -160,7 +163,6 @@ mod tests {
             ram_regions(mem),
             vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem - MMIO_HOLE_START)]
         );
-        assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_END);
     }
 
     #[test]

@@ -208,7 +208,7 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Entry, VmEr
                 e820: &e820,
                 rsdp_addr: tables.rsdp_addr(),
             })
-            .map_err(|e| boot::BootError::Cmdline(e.to_string()))?;
+            .map_err(boot::BootError::from)?;
             mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
                 .map_err(boot::BootError::from)?;
         }

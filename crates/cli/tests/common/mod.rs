@@ -166,8 +166,8 @@ fn run_in_testbed(script: &str) -> Output {
 /// The test host's uptime at its last heartbeat.
 fn last_heartbeat(text: &str) -> Option<f64> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("@@@HEARTBEAT ")?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("@@@HEARTBEAT ")?.trim().parse().ok())
 }
 
 /// Whether a failed session is the test host's fault: its kernel died (125), or it timed out with

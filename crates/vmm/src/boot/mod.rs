@@ -69,6 +69,9 @@ pub enum BootError {
     /// The command line is too long or contains a NUL.
     #[error("the kernel command line is invalid: {0}")]
     Cmdline(String),
+    /// The boot structures (zero page, PVH start info) cannot describe this boot.
+    #[error(transparent)]
+    Params(#[from] params::ParamsError),
     /// PVH was asked for but the kernel has no PVH entry point.
     #[error("{0} has no PVH entry point (only ELF kernels built with CONFIG_PVH have one); use --boot linux")]
     NoPvhEntry(PathBuf),

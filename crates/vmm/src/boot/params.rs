@@ -8,7 +8,8 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
-const E820_MAX: usize = 128;
+/// Most memory-map entries the zero page (and tandem's PVH memory map) holds.
+pub const E820_MAX: usize = 128;
 
 /// Errors building the zero page.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,8 +46,7 @@ pub struct BootInfo<'a> {
 
 /// Builds the zero page.
 pub fn build_boot_params(info: &BootInfo<'_>) -> Result<boot_params, ParamsError> {
-    let mut params = boot_params::default();
-    params.hdr = match info.header {
+    let hdr = match info.header {
         Some(h) => h,
         None => setup_header {
             boot_flag: KERNEL_BOOT_FLAG_MAGIC,
@@ -58,6 +58,10 @@ pub fn build_boot_params(info: &BootInfo<'_>) -> Result<boot_params, ParamsError
             initrd_addr_max: u32::MAX,
             ..Default::default()
         },
+    };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
     };
     // Kernels with protocol < 2.06 have a 255-byte command line limit.
     let max = match params.hdr.cmdline_size {

@@ -7,6 +7,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::params::{ParamsError, E820_MAX};
 use super::BootError;
 use crate::layout::E820Entry;
 
@@ -18,7 +19,7 @@ pub const START_INFO_ADDR: u64 = 0x6000;
 pub const MODLIST_ADDR: u64 = START_INFO_ADDR + 0x40;
 /// The memory map, after the module list; room for 128 entries below 0x7000.
 pub const MEMMAP_ADDR: u64 = MODLIST_ADDR + 0x40;
-const MEMMAP_MAX: usize = 128;
+const MEMMAP_MAX: usize = E820_MAX;
 
 /// The start info and the tables it points to.
 #[derive(Debug, Clone)]
@@ -39,10 +40,7 @@ pub fn build(
     rsdp_addr: u64,
 ) -> Result<PvhInfo, BootError> {
     if e820.len() > MEMMAP_MAX {
-        return Err(BootError::Cmdline(format!(
-            "too many memory map entries ({})",
-            e820.len()
-        )));
+        return Err(ParamsError::TooManyE820(e820.len()).into());
     }
     let modules: Vec<hvm_modlist_entry> = initrd
         .map(|(paddr, size)| hvm_modlist_entry {
