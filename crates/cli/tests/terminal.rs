@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn openpty() -> (OwnedFd, OwnedFd) {
@@ -37,17 +38,11 @@ fn modes(t: &libc::termios) -> (u32, u32, u32, u32) {
     (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag)
 }
 
-#[test]
-fn sigterm_while_the_guest_runs_restores_the_terminal() {
+/// Starts tandem on the Debian guest with the pty's slave as stdin and waits until it has put
+/// the terminal in raw mode. No tandem.exec: the guest's init waits in a shell, so tandem keeps
+/// running (slowly, on a host whose KVM emulates the guest, which is enough here).
+fn start_in_raw_mode(slave: &OwnedFd) -> Child {
     let guests = common::guests_dir();
-    let (master, slave) = openpty();
-    let before = termios(&slave);
-    assert_ne!(
-        before.c_lflag & libc::ICANON,
-        0,
-        "a new pty starts in canonical mode"
-    );
-    // No tandem.exec: the guest's init waits in a shell, so tandem keeps running.
     let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["run", "--memory", "256M", "--kernel"])
         .arg(guests.join("vmlinuz"))
@@ -55,11 +50,11 @@ fn sigterm_while_the_guest_runs_restores_the_terminal() {
         .arg(guests.join("initramfs.cpio.gz"))
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while termios(&slave).c_lflag & libc::ICANON != 0 {
+    while termios(slave).c_lflag & libc::ICANON != 0 {
         assert!(
             Instant::now() < deadline,
             "tandem never put the terminal in raw mode"
@@ -70,6 +65,19 @@ fn sigterm_while_the_guest_runs_restores_the_terminal() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+#[test]
+fn sigterm_while_the_guest_runs_restores_the_terminal() {
+    let (master, slave) = openpty();
+    let before = termios(&slave);
+    assert_ne!(
+        before.c_lflag & libc::ICANON,
+        0,
+        "a new pty starts in canonical mode"
+    );
+    let mut child = start_in_raw_mode(&slave);
     let raw = termios(&slave);
     assert_eq!(
         raw.c_lflag & (libc::ECHO | libc::ISIG),
@@ -80,6 +88,29 @@ fn sigterm_while_the_guest_runs_restores_the_terminal() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert_eq!(
+        modes(&termios(&slave)),
+        modes(&before),
+        "terminal settings restored"
+    );
+    drop(master);
+}
+
+#[test]
+fn ctrl_a_x_quits_and_restores_the_terminal() {
+    let (master, slave) = openpty();
+    let before = termios(&slave);
+    let child = start_in_raw_mode(&slave);
+    std::fs::File::from(master.try_clone().unwrap())
+        .write_all(b"\x01x")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("tandem: stopped by the user (Ctrl-A x)"),
+        "{err}"
+    );
     assert_eq!(
         modes(&termios(&slave)),
         modes(&before),
