@@ -83,19 +83,23 @@ pub fn write_boot_tables<M: GuestMemoryBackend>(
     Ok(())
 }
 
-/// Puts `sregs` in 64-bit mode with the boot GDT and page tables.
-pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
-    let code = segment_from_gdt(GDT[CODE_IDX], CODE_IDX);
+/// Loads the boot GDT with flat segments: code from GDT entry `code_idx`, data everywhere else.
+fn flat_segments(sregs: &mut kvm_sregs, code_idx: usize) {
     let data = segment_from_gdt(GDT[DATA_IDX], DATA_IDX);
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
-    sregs.cs = code;
+    sregs.cs = segment_from_gdt(GDT[code_idx], code_idx);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = segment_from_gdt(GDT[TSS_IDX], TSS_IDX);
+}
+
+/// Puts `sregs` in 64-bit mode with the boot GDT and page tables.
+pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
+    flat_segments(sregs, CODE_IDX);
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= CR4_PAE;
     sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
@@ -104,17 +108,7 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
 
 /// Puts `sregs` in flat 32-bit protected mode without paging, as the PVH entry requires.
 pub fn protected_mode_sregs(sregs: &mut kvm_sregs) {
-    let code = segment_from_gdt(GDT[CODE32_IDX], CODE32_IDX);
-    let data = segment_from_gdt(GDT[DATA_IDX], DATA_IDX);
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment_from_gdt(GDT[TSS_IDX], TSS_IDX);
+    flat_segments(sregs, CODE32_IDX);
     sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !CR0_PG;
     sregs.cr4 = 0;
     sregs.efer = 0;
