@@ -10,13 +10,15 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Bump when the recipe changes in a way the hash of its inputs does not catch.
-const RECIPE: u32 = 2;
+const RECIPE: u32 = 3;
 /// `/init` of the L2 guest initramfs.
 pub const GUEST_INIT: &str = include_str!("guest_init.sh");
 /// Modules the test host loads, with their dependencies (in load order).
 const KVM_MODULES: &[&str] = &["kvm_amd"];
-/// Modules carried (not loaded) in the guest initramfs for later work, with their dependencies.
+/// Modules carried in the guest initramfs, with their dependencies; the guest's init loads them
+/// by device alias, as udev would.
 const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
     "virtio_pci",
     "virtio_blk",
     "virtio_net",
@@ -227,14 +229,15 @@ fn guest_initramfs(dest: &Path, userland: &Userland, mods: &Modules) -> Result<(
     userland.add(&mut w).map_err(err)?;
     w.file("init", 0o755, GUEST_INIT.as_bytes()).map_err(err)?;
     let mut dep = String::new();
+    let mut alias = String::new();
     for name in mods.resolve(GUEST_MODULES)? {
         let out = mods.out_name(&name);
-        w.file(
-            &format!("lib/modules/{}/{out}", mods.release),
-            0o644,
-            &mods.load(&name)?,
-        )
-        .map_err(err)?;
+        let ko = mods.load(&name)?;
+        for a in crate::modules::aliases(&ko) {
+            alias.push_str(&format!("alias {a} {name}\n"));
+        }
+        w.file(&format!("lib/modules/{}/{out}", mods.release), 0o644, &ko)
+            .map_err(err)?;
         // modules.dep lists each module's dependencies, the one to load first last.
         let mut deps = mods.resolve(&[&name])?;
         deps.pop();
@@ -249,6 +252,12 @@ fn guest_initramfs(dest: &Path, userland: &Userland, mods: &Modules) -> Result<(
         &format!("lib/modules/{}/modules.dep", mods.release),
         0o644,
         dep.as_bytes(),
+    )
+    .map_err(err)?;
+    w.file(
+        &format!("lib/modules/{}/modules.alias", mods.release),
+        0o644,
+        alias.as_bytes(),
     )
     .map_err(err)?;
     w.finish().and_then(Gzip::finish).map_err(err)

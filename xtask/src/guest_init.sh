@@ -7,6 +7,18 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Load drivers for the devices present, by their modalias, as udev's coldplug does: drivers
+# that bind make new devices appear (virtio-mmio, then virtio-blk), so repeat until none do.
+coldplug() {
+	n=0
+	while [ $n -lt 4 ]; do
+		before=$(cat /proc/modules | wc -l)
+		find /sys/devices -name modalias -exec cat {} + 2>/dev/null | sort -u | xargs modprobe -a -q 2>/dev/null
+		[ "$(cat /proc/modules | wc -l)" = "$before" ] && break
+		n=$((n + 1))
+	done
+}
+coldplug
 cmdline=" $(cat /proc/cmdline)"
 case "$cmdline" in
 *" tandem.exec="*)

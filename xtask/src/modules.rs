@@ -127,6 +127,20 @@ fn depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The `alias=` entries of a module's `.modinfo` (what `modules.alias` lists for it).
+pub fn aliases(ko: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"\0alias=";
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(at) = ko[from..].windows(KEY.len()).position(|w| w == KEY) {
+        let rest = &ko[from + at + KEY.len()..];
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+        from += at + KEY.len() + end;
+    }
+    out
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for e in fs::read_dir(dir)? {
         let e = e?;
@@ -147,5 +161,15 @@ mod tests {
         assert_eq!(super::depends(ko), ["kvm", "irqbypass"]);
         assert!(super::depends(b"\0depends=\0name=x\0").is_empty());
         assert!(super::depends(b"no modinfo").is_empty());
+    }
+
+    #[test]
+    fn aliases_from_modinfo() {
+        let ko = b"\0alias=acpi*:LNRO0005:*\0depends=virtio\0alias=of:N*T*Cvirtio,mmio\0";
+        assert_eq!(
+            super::aliases(ko),
+            ["acpi*:LNRO0005:*", "of:N*T*Cvirtio,mmio"]
+        );
+        assert!(super::aliases(b"none").is_empty());
     }
 }

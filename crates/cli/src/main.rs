@@ -3,6 +3,7 @@
 mod doctor;
 mod run;
 mod size;
+mod spec;
 mod terminal;
 
 use std::process::ExitCode;

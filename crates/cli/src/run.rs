@@ -7,7 +7,10 @@ use clap::Args;
 use tandem_vmm::boot::BootProtocol;
 use tandem_vmm::{SerialOutput, VmConfig, VmError, VmOutcome};
 
+use tandem_virtio::BlockConfig;
+
 use crate::size::parse_size;
+use crate::spec;
 use crate::terminal::RawTerminal;
 use crate::EXIT_USAGE;
 
@@ -45,6 +48,25 @@ pub struct RunArgs {
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialOutput,
+    /// A virtio-blk disk (repeatable; the guest sees vda, vdb, ... in order):
+    /// path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID].
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    disk: Vec<BlockConfig>,
+    /// The virtio entropy device: on or off.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    rng: bool,
+}
+
+fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    spec::parse_disk(s).map_err(|e| e.to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is not on or off")),
+    }
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {
@@ -114,9 +136,23 @@ pub fn main(args: RunArgs) -> ExitCode {
         stdin: interactive,
         escape: false,
         boot: args.boot,
+        disks: args
+            .disk
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut d)| {
+                if d.serial.is_empty() {
+                    d.serial = format!("tandem-disk{i}");
+                }
+                d
+            })
+            .collect(),
+        rng: args.rng,
     };
     // Check everything that can be checked before touching the terminal.
-    if let Err(e) = tandem_vmm::vm::open_kvm().and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))
+    if let Err(e) = tandem_vmm::vm::validate_devices(&cfg)
+        .and_then(|()| tandem_vmm::vm::open_kvm())
+        .and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))
     {
         return fail(&e, exit_code(&e));
     }

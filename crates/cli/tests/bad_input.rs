@@ -183,3 +183,85 @@ fn malformed_flags() {
     assert_one_clear_line(&["run"], &[], "--kernel");
     assert_one_clear_line(&["frobnicate"], &[], "unrecognized subcommand");
 }
+
+fn scratch_file(name: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = std::env::temp_dir().join(format!("tandem-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    std::fs::write(&p, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+#[test]
+fn malformed_disk_specs() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    for (spec, expect) in [
+        ("/some/file.img", "is not key=value"),
+        ("readonly=on", "'path=' is required"),
+        ("path=a.img,ro=on", "unknown key 'ro'"),
+        (
+            "path=a.img,cache=none",
+            "cache=none: expected writeback or unsafe",
+        ),
+        ("path=a.img,readonly=perhaps", "expected on or off"),
+        ("path=a.img,path=b.img", "'path' given twice"),
+    ] {
+        assert_one_clear_line(&["run", "--kernel", k, "--disk", spec], &[], expect);
+    }
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--rng", "maybe"],
+        &[],
+        "not on or off",
+    );
+}
+
+#[test]
+fn missing_read_only_and_locked_disks() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--disk", "path=/nonexistent/disk.img"],
+        &[],
+        "disk /nonexistent/disk.img: No such file or directory",
+    );
+    // A file the user may read but not write, attached read-write.
+    let ro = scratch_file("ro-disk", 0o444);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc_geteuid() } == 0;
+    let spec = format!("path={}", ro.display());
+    assert_one_clear_line_from(
+        tandem_cmd(root),
+        &["run", "--kernel", k, "--disk", &spec],
+        &[],
+        "the file is read-only; add readonly=on",
+    );
+    // A disk another process holds (as another tandem would).
+    let busy = scratch_file("busy-disk", 0o644);
+    let held = std::fs::File::open(&busy).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc_flock(std::os::fd::AsRawFd::as_raw_fd(&held), 2 | 4) },
+        0
+    );
+    let spec = format!("path={}", busy.display());
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--disk", &spec],
+        &[],
+        "locked by another process",
+    );
+    // Read-only attachments share the lock with each other but not with a writer.
+    let spec_ro = format!("path={},readonly=on", busy.display());
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--disk", &spec_ro],
+        &[],
+        "locked by another process",
+    );
+    drop(held);
+}
+
+extern "C" {
+    #[link_name = "flock"]
+    fn libc_flock(fd: i32, op: i32) -> i32;
+}

@@ -94,7 +94,27 @@ fn com1() -> Vec<u8> {
     to_bytes(&aml::Device::new("_SB_.COM1".into(), children))
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as ACPI describes it (`LNRO0005`, as on QEMU's microvm): the Linux
+/// driver binds to it by its ACPI id, so no kernel command-line option is needed.
+fn virtio_mmio(index: usize, dev: &VirtioSlot) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, dev.addr as u32, dev.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let uid = index as u32;
+    let names = [
+        aml::Name::new("_HID".into(), &"LNRO0005"),
+        aml::Name::new("_UID".into(), &uid),
+        aml::Name::new("_CCA".into(), &aml::ONE),
+        aml::Name::new("_CRS".into(), &crs),
+    ];
+    let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    to_bytes(&aml::Device::new(
+        format!("_SB_.V{index:03X}").as_str().into(),
+        children,
+    ))
+}
+
+fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
         "_S5_".into(),
@@ -102,6 +122,9 @@ fn dsdt() -> Vec<u8> {
     )
     .to_aml_bytes(&mut body);
     body.extend_from_slice(&com1());
+    for (i, dev) in virtio.iter().enumerate() {
+        body.extend_from_slice(&virtio_mmio(i, dev));
+    }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
@@ -154,8 +177,20 @@ fn madt(cpus: usize) -> Vec<u8> {
     bytes
 }
 
-/// Builds the tables for `cpus` vCPUs, to be placed at [`ACPI_START`].
-pub fn build(cpus: usize) -> Result<AcpiTables, AcpiError> {
+/// A virtio-mmio device's window and interrupt, for the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Guest-physical base of its registers.
+    pub addr: u64,
+    /// Window length.
+    pub len: u64,
+    /// Its GSI (IOAPIC pin), edge-triggered, active high.
+    pub gsi: u32,
+}
+
+/// Builds the tables for `cpus` vCPUs and the given virtio devices, to be placed at
+/// [`ACPI_START`].
+pub fn build(cpus: usize, virtio: &[VirtioSlot]) -> Result<AcpiTables, AcpiError> {
     if cpus == 0 || cpus > 254 {
         return Err(AcpiError::TooManyCpus(cpus));
     }
@@ -170,7 +205,7 @@ pub fn build(cpus: usize) -> Result<AcpiTables, AcpiError> {
         offsets.push((sig, off));
         base + off as u64
     };
-    let dsdt_addr = push(&mut blob, *b"DSDT", dsdt());
+    let dsdt_addr = push(&mut blob, *b"DSDT", dsdt(virtio));
     let fadt_addr = push(&mut blob, *b"FACP", fadt(dsdt_addr));
     let madt_addr = push(&mut blob, *b"APIC", madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -207,7 +242,7 @@ mod tests {
 
     #[test]
     fn rsdp_leads_to_every_table_and_all_checksums_hold() {
-        let t = build(4).unwrap();
+        let t = build(4, &[]).unwrap();
         let rsdp = &t.blob[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
@@ -240,7 +275,7 @@ mod tests {
     #[test]
     fn madt_lists_one_enabled_local_apic_per_cpu() {
         for cpus in [1usize, 2, 4, 64] {
-            let t = build(cpus).unwrap();
+            let t = build(cpus, &[]).unwrap();
             let madt = t.table(b"APIC").unwrap();
             assert_eq!(u32_at(madt, 36), LAPIC_ADDR as u32);
             assert_eq!(u32_at(madt, 40), MADT_PCAT_COMPAT);
@@ -267,7 +302,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_with_the_pm_port_and_the_dsdt() {
-        let t = build(1).unwrap();
+        let t = build(1, &[]).unwrap();
         let fadt = t.table(b"FACP").unwrap();
         let flags = u32_at(fadt, 112);
         assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
@@ -288,9 +323,40 @@ mod tests {
     }
 
     #[test]
+    fn virtio_devices_are_described_with_their_window_and_edge_interrupt() {
+        let slots = [
+            VirtioSlot {
+                addr: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            VirtioSlot {
+                addr: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let t = build(1, &slots).unwrap();
+        let dsdt = t.table(b"DSDT").unwrap();
+        assert!(sums_to_zero(dsdt));
+        let hids = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(hids, 2);
+        for s in slots {
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, length.
+            let mut mem = vec![0x86, 9, 0, 1];
+            mem.extend_from_slice(&(s.addr as u32).to_le_bytes());
+            mem.extend_from_slice(&(s.len as u32).to_le_bytes());
+            assert!(dsdt.windows(mem.len()).any(|w| w == mem), "window of {s:?}");
+            // Extended interrupt: consumer, edge, active high, exclusive; one GSI.
+            let irq = [0x89, 6, 0, 0x03, 1, s.gsi as u8, 0, 0, 0];
+            assert!(dsdt.windows(9).any(|w| w == irq), "interrupt of {s:?}");
+        }
+    }
+
+    #[test]
     fn cpu_count_is_bounded() {
-        assert_eq!(build(0).unwrap_err(), AcpiError::TooManyCpus(0));
-        assert_eq!(build(255).unwrap_err(), AcpiError::TooManyCpus(255));
-        assert!(build(254).is_ok());
+        assert_eq!(build(0, &[]).unwrap_err(), AcpiError::TooManyCpus(0));
+        assert_eq!(build(255, &[]).unwrap_err(), AcpiError::TooManyCpus(255));
+        assert!(build(254, &[]).is_ok());
     }
 }

@@ -2,9 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_device::bus::{MmioAddress, PioAddress, PioRange};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_device::MutDevicePio;
+use vm_device::{MutDeviceMmio, MutDevicePio};
 
 use crate::exit::IoBus;
 
@@ -31,6 +31,17 @@ impl DeviceBus {
         self.io
             .register_pio(PioRange::new(PioAddress(base), len)?, dev.clone())?;
         Ok(dev)
+    }
+
+    /// Registers an already shared MMIO device at `base..base+len`.
+    pub fn add_mmio_shared<D: MutDeviceMmio + Send + 'static>(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<D>>,
+    ) -> Result<(), vm_device::bus::Error> {
+        self.io
+            .register_mmio(MmioRange::new(MmioAddress(base), len)?, dev)
     }
 }
 

@@ -72,6 +72,12 @@ pub enum VmError {
     /// A device could not be set up (eventfd, epoll, thread).
     #[error("device setup: {0}")]
     Device(io::Error),
+    /// More virtio devices than interrupt lines.
+    #[error("too many devices: at most {0} virtio devices fit")]
+    TooManyDevices(usize),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] tandem_virtio::blk::BlockError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -95,7 +101,9 @@ impl VmError {
             | VmError::KvmOpen { .. }
             | VmError::VcpuCount { .. }
             | VmError::MemoryTooSmall { .. }
-            | VmError::SerialFile { .. } => true,
+            | VmError::SerialFile { .. }
+            | VmError::TooManyDevices(_)
+            | VmError::Disk(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -39,6 +39,14 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// First address above 4 GiB.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio device window (one [`VIRTIO_MMIO_SIZE`] page per device).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI of the first virtio device; the next ones follow (COM1 has 4, the PIT 0).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Most virtio devices: one IOAPIC pin each, from [`VIRTIO_IRQ_BASE`] to pin 23.
+pub const VIRTIO_MAX_DEVICES: usize = 24 - VIRTIO_IRQ_BASE as usize;
 /// The IOAPIC's registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// The local APICs' registers.
@@ -52,6 +60,20 @@ pub const MIN_MEMORY: u64 = 32 << 20;
 
 // The interrupt controllers must sit in the MMIO hole, never over RAM.
 const _: () = assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_END);
+const _: () = assert!(
+    VIRTIO_MMIO_BASE >= MMIO_HOLE_START
+        && VIRTIO_MMIO_BASE + VIRTIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE <= IOAPIC_ADDR
+);
+
+/// Where virtio device `index` sits: its MMIO window and its GSI.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    (index < VIRTIO_MAX_DEVICES).then(|| {
+        (
+            VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+            VIRTIO_IRQ_BASE + index as u32,
+        )
+    })
+}
 
 /// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;

@@ -5,6 +5,7 @@
 //! - [`exit`]: exit dispatch as a pure function; [`vcpu`]: the vCPU state machine;
 //! - [`layout`], [`boot`], [`acpi`], [`cpuid`], [`regs`]: what the guest finds at boot, each a
 //!   pure builder with unit tests;
+//! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
 #![deny(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod layout;
 pub mod probe;
 pub mod regs;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use error::VmError;

@@ -29,6 +29,7 @@ use crate::event_loop::{self, EventSources};
 use crate::hypervisor::kvm::KvmVcpu;
 use crate::layout;
 use crate::vcpu::{run_loop, VcpuReport};
+use crate::virtio::VirtioDevices;
 use crate::{acpi, cpuid, regs};
 
 /// Where the guest's serial console goes.
@@ -63,6 +64,10 @@ pub struct VmConfig {
     pub escape: bool,
     /// How to enter the kernel.
     pub boot: boot::BootProtocol,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<tandem_virtio::BlockConfig>,
+    /// Whether the guest gets a virtio entropy device.
+    pub rng: bool,
 }
 
 /// How a VM ended.
@@ -156,6 +161,18 @@ pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
             source,
         })?;
     }
+    validate_devices(cfg)
+}
+
+/// Checks the device configuration without KVM: the device count, and that every disk image
+/// can be opened and locked as asked (it is closed again at once).
+pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
+    if cfg.disks.len() + usize::from(cfg.rng) > layout::VIRTIO_MAX_DEVICES {
+        return Err(VmError::TooManyDevices(layout::VIRTIO_MAX_DEVICES));
+    }
+    for d in &cfg.disks {
+        tandem_virtio::blk::FileDisk::open(&d.path, d.readonly)?;
+    }
     Ok(())
 }
 
@@ -186,7 +203,11 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
 
 /// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures (zero
 /// page or PVH start info); returns where the boot vCPU starts.
-fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Entry, VmError> {
+fn load_boot_images(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    virtio: &[acpi::VirtioSlot],
+) -> Result<Entry, VmError> {
     let kernel = boot::load_kernel(mem, &cfg.kernel)?;
     let entry = kernel.entry(cfg.boot, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
@@ -194,7 +215,7 @@ fn load_boot_images(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<Entry, VmEr
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
-    let tables = acpi::build(cfg.vcpus.into())?;
+    let tables = acpi::build(cfg.vcpus.into(), virtio)?;
     mem.write_slice(&tables.blob, GuestAddress(tables.base))
         .map_err(boot::BootError::from)?;
     let e820 = layout::e820_map(cfg.memory);
@@ -337,6 +358,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     tracing::info!("creating the VM");
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
+    // Disks are opened (and locked) before anything else, so a bad one fails fast.
+    let mut disks = Vec::with_capacity(cfg.disks.len());
+    for d in &cfg.disks {
+        disks.push(tandem_virtio::Block::open(d)?);
+    }
     let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -352,7 +378,6 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
 
     let mem = create_memory(&vm, cfg.memory)?;
-    let entry = load_boot_images(cfg, &mem)?;
 
     // Devices.
     let panic = PanicRecord::default();
@@ -382,6 +407,21 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             reset.try_clone().map_err(VmError::Device)?,
         ),
     )?;
+    let mut virtio = VirtioDevices::default();
+    for (i, disk) in disks.into_iter().enumerate() {
+        virtio.attach(&vm, &mut bus, &mem, Box::new(disk), &format!("disk{i}"))?;
+    }
+    if cfg.rng {
+        virtio.attach(
+            &vm,
+            &mut bus,
+            &mem,
+            Box::new(tandem_virtio::Rng::new()),
+            "rng",
+        )?;
+    }
+    let entry = load_boot_images(cfg, &mem, virtio.slots())?;
+    let io_thread = virtio.start()?;
     let bus = Arc::new(bus);
 
     // vCPUs.
@@ -427,6 +467,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let _ = io::stdout().flush();
     tracing::info!("guest stopped: {event:?}");
     stop_vcpus(handles, &stop);
+    if let Some(io) = io_thread {
+        io.stop();
+    }
     if let Ok(reports) = reports.lock() {
         for r in reports.iter() {
             tracing::info!("vcpu{}: {}", r.index, r.exits);

@@ -1,0 +1,162 @@
+//! Device specs given on the command line: `key=value` lists such as
+//! `path=disk.img,readonly=on,cache=unsafe`.
+
+use std::path::PathBuf;
+
+use tandem_virtio::{BlockConfig, CacheMode};
+
+/// Why a spec was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// An element is not `key=value`.
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    /// A key the device does not know.
+    #[error("unknown key '{key}' (known: {known})")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// The keys that exist.
+        known: String,
+    },
+    /// A key given twice.
+    #[error("'{0}' given twice")]
+    Duplicate(String),
+    /// A value out of its set.
+    #[error("{key}={value}: expected {expected}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// What would be accepted.
+        expected: &'static str,
+    },
+    /// A required key is absent.
+    #[error("'{0}=' is required")]
+    Missing(&'static str),
+}
+
+/// Splits `a=b,c=d` into pairs, refusing duplicates and keys outside `known`.
+pub fn pairs(
+    spec: &str,
+    known: &'static [&'static str],
+) -> Result<Vec<(String, String)>, SpecError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for item in spec.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| SpecError::NotKeyValue(item.to_string()))?;
+        if !known.contains(&k) {
+            return Err(SpecError::UnknownKey {
+                key: k.into(),
+                known: known.join(", "),
+            });
+        }
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(SpecError::Duplicate(k.into()));
+        }
+        out.push((k.into(), v.into()));
+    }
+    Ok(out)
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, SpecError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(SpecError::BadValue {
+            key: key.into(),
+            value: v.into(),
+            expected: "on or off",
+        }),
+    }
+}
+
+/// Parses `--disk path=FILE[,readonly=on|off][,cache=writeback|unsafe][,serial=ID]`.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, SpecError> {
+    const KEYS: &[&str] = &["path", "readonly", "cache", "serial"];
+    let mut cfg = BlockConfig {
+        path: PathBuf::new(),
+        readonly: false,
+        cache: CacheMode::Writeback,
+        serial: String::new(),
+    };
+    let mut path = None;
+    for (k, v) in pairs(spec, KEYS)? {
+        match k.as_str() {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "path" => return Err(SpecError::Missing("path")),
+            "readonly" => cfg.readonly = on_off(&k, &v)?,
+            "cache" => {
+                cfg.cache = match v.as_str() {
+                    "writeback" => CacheMode::Writeback,
+                    "unsafe" => CacheMode::Unsafe,
+                    _ => {
+                        return Err(SpecError::BadValue {
+                            key: k,
+                            value: v,
+                            expected: "writeback or unsafe",
+                        })
+                    }
+                }
+            }
+            "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => cfg.serial = v,
+            _ => {
+                return Err(SpecError::BadValue {
+                    key: k,
+                    value: v,
+                    expected: "at most 20 printable ASCII characters",
+                })
+            }
+        }
+    }
+    cfg.path = path.ok_or(SpecError::Missing("path"))?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("path=/a.img").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert!(!d.readonly);
+        assert_eq!(d.cache, CacheMode::Writeback);
+        let d = parse_disk("path=x,readonly=on,cache=unsafe,serial=abc").unwrap();
+        assert!(d.readonly);
+        assert_eq!(d.cache, CacheMode::Unsafe);
+        assert_eq!(d.serial, "abc");
+    }
+
+    #[test]
+    fn bad_disk_specs_say_what_is_wrong() {
+        assert_eq!(parse_disk("readonly=on"), Err(SpecError::Missing("path")));
+        assert_eq!(
+            parse_disk("/a.img"),
+            Err(SpecError::NotKeyValue("/a.img".into()))
+        );
+        assert!(matches!(
+            parse_disk("path=a,ro=on"),
+            Err(SpecError::UnknownKey { .. })
+        ));
+        assert_eq!(
+            parse_disk("path=a,path=b"),
+            Err(SpecError::Duplicate("path".into()))
+        );
+        assert!(matches!(
+            parse_disk("path=a,cache=none"),
+            Err(SpecError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_disk("path=a,readonly=maybe"),
+            Err(SpecError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_disk("path=a,serial=012345678901234567890"),
+            Err(SpecError::BadValue { .. })
+        ));
+    }
+}

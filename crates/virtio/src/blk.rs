@@ -1,0 +1,471 @@
+//! virtio-blk: a raw image file as the guest's disk (virtio 1.2, section 5.2).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use crate::device::{next_chain, Activation, DeviceError, Interrupt, VirtioDevice};
+use crate::Mem;
+
+/// Bytes in a virtio-blk sector.
+pub const SECTOR_SIZE: u64 = 512;
+/// The size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest piece of a request moved between guest memory and the file at once.
+const CHUNK: usize = 128 << 10;
+/// Size of `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
+const HEADER_LEN: usize = 16;
+
+/// What a flush request means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Writes go through the host page cache; a guest flush waits for `fdatasync`.
+    #[default]
+    Writeback,
+    /// Flushes are ignored: fast, and data is lost if the host crashes.
+    Unsafe,
+}
+
+/// How to attach one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Whether the guest may only read.
+    pub readonly: bool,
+    /// Flush behaviour.
+    pub cache: CacheMode,
+    /// The serial number the guest reads with GET_ID (at most 20 bytes).
+    pub serial: String,
+}
+
+/// Errors attaching a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("disk {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The image may not be written by this user; `readonly=on` would work.
+    #[error("disk {0}: the file is read-only; add readonly=on to attach it read-only")]
+    ReadOnlyFile(PathBuf),
+    /// Another process holds the image's lock.
+    #[error("disk {0}: locked by another process (another tandem using it?)")]
+    Locked(PathBuf),
+    /// The image is not a regular file or block device.
+    #[error("disk {0}: not a regular file")]
+    NotAFile(PathBuf),
+}
+
+/// Where a disk's sectors live: a file, or memory in tests and fuzzing.
+pub trait DiskBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Puts written data on stable storage.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A raw image file, locked against other writers for as long as it is open.
+pub struct FileDisk {
+    file: File,
+    size: u64,
+}
+
+impl FileDisk {
+    /// Opens and locks `path`: shared for read-only disks, exclusive otherwise.
+    pub fn open(path: &Path, readonly: bool) -> Result<FileDisk, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+                    if !readonly && File::open(path).is_ok() =>
+                {
+                    BlockError::ReadOnlyFile(path.into())
+                }
+                _ => BlockError::Open {
+                    path: path.into(),
+                    source,
+                },
+            })?;
+        let meta = file.metadata().map_err(|source| BlockError::Open {
+            path: path.into(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(BlockError::NotAFile(path.into()));
+        }
+        let op = if readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        } | libc::LOCK_NB;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            let err = io::Error::last_os_error();
+            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                BlockError::Locked(path.into())
+            } else {
+                BlockError::Open {
+                    path: path.into(),
+                    source: err,
+                }
+            });
+        }
+        Ok(FileDisk {
+            file,
+            size: meta.len(),
+        })
+    }
+}
+
+impl DiskBackend for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// A disk in memory (tests, fuzzing).
+#[derive(Debug, Clone, Default)]
+pub struct MemDisk(pub Vec<u8>);
+
+impl DiskBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let dst = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.0.get_mut(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WriteZero))?;
+        dst.copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The outcome of one request: the status byte and how many bytes the device wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// `VIRTIO_BLK_S_*`.
+    pub status: u8,
+    /// Bytes written into the chain's writable buffers, status byte included.
+    pub used_len: u32,
+}
+
+/// What a request asks, as parsed from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// `VIRTIO_BLK_T_*`.
+    pub kind: u32,
+    /// First sector.
+    pub sector: u64,
+}
+
+impl Header {
+    /// Parses the 16-byte `virtio_blk_outhdr`.
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Header {
+        Header {
+            kind: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            sector: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        }
+    }
+}
+
+/// The byte range a data request covers, if it is inside a disk of `size` bytes.
+pub fn data_range(sector: u64, len: usize, size: u64) -> Option<u64> {
+    let start = sector.checked_mul(SECTOR_SIZE)?;
+    let end = start.checked_add(len as u64)?;
+    ((len as u64).is_multiple_of(SECTOR_SIZE) && end <= size).then_some(start)
+}
+
+/// Serves one request chain against `disk`. Errors mean the chain itself is malformed (the
+/// device must fail); I/O errors and bad requests become a status byte.
+pub fn handle_request<M>(
+    mem: &Mem,
+    chain: DescriptorChain<M>,
+    disk: &mut dyn DiskBackend,
+    readonly: bool,
+    cache: CacheMode,
+    serial: &[u8],
+) -> Result<Completion, String>
+where
+    M: std::ops::Deref<Target = Mem> + Clone,
+{
+    let mut reader = chain.clone().reader(mem).map_err(|e| e.to_string())?;
+    let mut writer = chain.writer(mem).map_err(|e| e.to_string())?;
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        return Err("request without a status byte".into());
+    }
+    let mut status_w = writer.split_at(writable - 1).map_err(|e| e.to_string())?;
+    let mut hdr = [0u8; HEADER_LEN];
+    let (status, written) = if reader.read_exact(&mut hdr).is_err() {
+        tracing::warn!("virtio-blk: request header shorter than 16 bytes");
+        (VIRTIO_BLK_S_IOERR, 0)
+    } else {
+        let h = Header::parse(&hdr);
+        serve(h, &mut reader, &mut writer, disk, readonly, cache, serial)
+    };
+    status_w
+        .write_all(&[status as u8])
+        .map_err(|e| e.to_string())?;
+    Ok(Completion {
+        status: status as u8,
+        used_len: u32::try_from(written + 1).unwrap_or(u32::MAX),
+    })
+}
+
+fn serve<B: vm_memory::bitmap::BitmapSlice>(
+    h: Header,
+    reader: &mut virtio_queue::Reader<'_, B>,
+    writer: &mut virtio_queue::Writer<'_, B>,
+    disk: &mut dyn DiskBackend,
+    readonly: bool,
+    cache: CacheMode,
+    serial: &[u8],
+) -> (u32, usize) {
+    let mut buf = Vec::new();
+    match h.kind {
+        VIRTIO_BLK_T_IN => {
+            let len = writer.available_bytes();
+            let Some(mut off) = data_range(h.sector, len, disk.size()) else {
+                tracing::warn!(sector = h.sector, len, "virtio-blk: read outside the disk");
+                return (VIRTIO_BLK_S_IOERR, 0);
+            };
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                buf.resize(n, 0);
+                if let Err(e) = disk.read_at(&mut buf, off) {
+                    tracing::warn!("virtio-blk: read failed: {e}");
+                    return (VIRTIO_BLK_S_IOERR, done);
+                }
+                if writer.write_all(&buf).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, done);
+                }
+                done += n;
+                off += n as u64;
+            }
+            (VIRTIO_BLK_S_OK, len)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if readonly {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let len = reader.available_bytes();
+            let Some(mut off) = data_range(h.sector, len, disk.size()) else {
+                tracing::warn!(sector = h.sector, len, "virtio-blk: write outside the disk");
+                return (VIRTIO_BLK_S_IOERR, 0);
+            };
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                buf.resize(n, 0);
+                if reader.read_exact(&mut buf).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                if let Err(e) = disk.write_at(&buf, off) {
+                    tracing::warn!("virtio-blk: write failed: {e}");
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                done += n;
+                off += n as u64;
+            }
+            (VIRTIO_BLK_S_OK, 0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if cache == CacheMode::Unsafe {
+                return (VIRTIO_BLK_S_OK, 0);
+            }
+            match disk.flush() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    tracing::warn!("virtio-blk: flush failed: {e}");
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            }
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+            let n = serial.len().min(id.len());
+            id[..n].copy_from_slice(&serial[..n]);
+            let n = writer.available_bytes().min(id.len());
+            match writer.write_all(&id[..n]) {
+                Ok(()) => (VIRTIO_BLK_S_OK, n),
+                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            }
+        }
+        other => {
+            tracing::debug!(kind = other, "virtio-blk: unsupported request");
+            (VIRTIO_BLK_S_UNSUPP, 0)
+        }
+    }
+}
+
+struct Active {
+    mem: Mem,
+    queue: Queue,
+    interrupt: Interrupt,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    disk: Box<dyn DiskBackend>,
+    readonly: bool,
+    cache: CacheMode,
+    serial: Vec<u8>,
+    active: Option<Active>,
+}
+
+impl Block {
+    /// Opens the image described by `cfg`.
+    pub fn open(cfg: &BlockConfig) -> Result<Block, BlockError> {
+        let disk = FileDisk::open(&cfg.path, cfg.readonly)?;
+        if disk.size() % SECTOR_SIZE != 0 {
+            tracing::warn!(path = %cfg.path.display(), "disk size is not a multiple of 512; the tail is not visible");
+        }
+        Ok(Block::with_backend(Box::new(disk), cfg))
+    }
+
+    /// A device over any backend.
+    pub fn with_backend(disk: Box<dyn DiskBackend>, cfg: &BlockConfig) -> Block {
+        Block {
+            disk,
+            readonly: cfg.readonly,
+            cache: cfg.cache,
+            serial: cfg.serial.as_bytes().to_vec(),
+            active: None,
+        }
+    }
+
+    fn config_bytes(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&(self.disk.size() / SECTOR_SIZE).to_le_bytes());
+        // size_max (unused: no VIRTIO_BLK_F_SIZE_MAX), then seg_max.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
+    }
+
+    fn process(&mut self) -> Result<(), DeviceError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let bad = |e: virtio_queue::Error| DeviceError::bad_queue(0, e);
+        loop {
+            a.queue.disable_notification(&a.mem).map_err(bad)?;
+            while let Some(chain) = next_chain(&mut a.queue, &a.mem, 0)? {
+                let head = chain.head_index();
+                let done = handle_request(
+                    &a.mem,
+                    chain,
+                    self.disk.as_mut(),
+                    self.readonly,
+                    self.cache,
+                    &self.serial,
+                )
+                .map_err(|why| DeviceError::bad_queue(0, why))?;
+                a.queue.add_used(&a.mem, head, done.used_len).map_err(bad)?;
+            }
+            if !a.queue.enable_notification(&a.mem).map_err(bad)? {
+                break;
+            }
+        }
+        if a.queue.needs_notification(&a.mem).map_err(bad)? {
+            a.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        if self.readonly {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes(), offset, data);
+    }
+    fn activate(&mut self, mut a: Activation) -> Result<(), DeviceError> {
+        let queue = a
+            .queues
+            .pop()
+            .filter(|q| q.ready())
+            .ok_or_else(|| DeviceError::Activate("the request queue is not ready".into()))?;
+        self.active = Some(Active {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        });
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+    fn queue_notify(&mut self, _queue: usize) -> Result<(), DeviceError> {
+        self.process()
+    }
+}
+
+/// Copies `config[offset..]` into `data`, zero past the end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
