@@ -13,6 +13,8 @@ use std::time::Instant;
 const RECIPE: u32 = 3;
 /// `/init` of the L2 guest initramfs.
 pub const GUEST_INIT: &str = include_str!("guest_init.sh");
+/// busybox udhcpc's script in the L2 guest.
+pub const UDHCPC_SCRIPT: &str = include_str!("udhcpc.script");
 /// Modules the test host loads, with their dependencies (in load order).
 const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// Modules carried in the guest initramfs, with their dependencies; the guest's init loads them
@@ -108,7 +110,7 @@ fn recipe_hash() -> u64 {
     };
     let kernels = KERNELS.iter().flat_map(|&(package, name)| [package, name]);
     let modules = KVM_MODULES.iter().chain(GUEST_MODULES).copied();
-    [GUEST_INIT, BUSYBOX]
+    [GUEST_INIT, UDHCPC_SCRIPT, BUSYBOX]
         .into_iter()
         .chain(kernels)
         .chain(modules)
@@ -228,6 +230,9 @@ fn guest_initramfs(dest: &Path, userland: &Userland, mods: &Modules) -> Result<(
     let mut w = Writer::new(gz);
     userland.add(&mut w).map_err(err)?;
     w.file("init", 0o755, GUEST_INIT.as_bytes()).map_err(err)?;
+    w.dir("etc/udhcpc", 0o755).map_err(err)?;
+    w.file("etc/udhcpc/default.script", 0o755, UDHCPC_SCRIPT.as_bytes())
+        .map_err(err)?;
     let mut dep = String::new();
     let mut alias = String::new();
     for name in mods.resolve(GUEST_MODULES)? {

@@ -7,6 +7,7 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+ip link set lo up
 # Load drivers for the devices present, by their modalias, as udev's coldplug does: drivers
 # that bind make new devices appear (virtio-mmio, then virtio-blk), so repeat until none do.
 coldplug() {

@@ -5,6 +5,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+ip link set lo up
 if [ -n "$(ls -A /tmp)" ]; then
 	# --with put files under /tmp: keep them on the tmpfs that is mounted there.
 	mv /tmp /.tmp-carried && mkdir /tmp

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use tandem_net::user::UserNetConfig;
+use tandem_net::Forward;
 use tandem_vmm::boot::BootProtocol;
-use tandem_vmm::{SerialOutput, VmConfig, VmError, VmOutcome};
+use tandem_vmm::{NetConfig, SerialOutput, VmConfig, VmError, VmOutcome};
 
 use tandem_virtio::BlockConfig;
 
@@ -52,6 +54,14 @@ pub struct RunArgs {
     /// path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID].
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     disk: Vec<BlockConfig>,
+    /// The guest's network: user (NAT through host sockets, no privilege needed) or none.
+    /// Default: user when a --forward is given, else none.
+    #[arg(long, value_name = "BACKEND", value_parser = parse_net)]
+    net: Option<NetChoice>,
+    /// Map a host port to a guest port (repeatable): [tcp|udp:][HOSTADDR:]HOSTPORT:GUESTPORT.
+    /// The host side listens on 127.0.0.1 unless HOSTADDR says otherwise.
+    #[arg(long, value_name = "SPEC", value_parser = parse_forward)]
+    forward: Vec<Forward>,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
@@ -59,6 +69,28 @@ pub struct RunArgs {
 
 fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     spec::parse_disk(s).map_err(|e| e.to_string())
+}
+
+/// The `--net` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetChoice {
+    /// User-mode NAT.
+    User,
+    /// No network.
+    None,
+}
+
+fn parse_net(s: &str) -> Result<NetChoice, String> {
+    match s {
+        "user" => Ok(NetChoice::User),
+        "none" => Ok(NetChoice::None),
+        _ => Err(format!("'{s}' is not user or none")),
+    }
+}
+
+fn parse_forward(s: &str) -> Result<Forward, String> {
+    s.parse()
+        .map_err(|e: tandem_net::ForwardError| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -148,6 +180,17 @@ pub fn main(args: RunArgs) -> ExitCode {
             })
             .collect(),
         rng: args.rng,
+        net: match (args.net, args.forward.is_empty()) {
+            (Some(NetChoice::None), false) => {
+                return fail("--forward needs a network: drop --net none", EXIT_USAGE)
+            }
+            (Some(NetChoice::None), true) | (None, true) => None,
+            (Some(NetChoice::User), _) | (None, false) => Some(NetConfig::User(UserNetConfig {
+                forwards: args.forward,
+                dns_upstream: None,
+                restrict: false,
+            })),
+        },
     };
     // Check everything that can be checked before touching the terminal.
     if let Err(e) = tandem_vmm::vm::validate_devices(&cfg)

@@ -265,3 +265,39 @@ extern "C" {
     #[link_name = "flock"]
     fn libc_flock(fd: i32, op: i32) -> i32;
 }
+
+#[test]
+fn malformed_net_and_forward_specs_and_a_port_in_use() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    for (args, expect) in [
+        (vec!["--net", "bridge"], "'bridge' is not user or none"),
+        (
+            vec!["--forward", "tcp:22"],
+            "is not [tcp|udp:][HOSTADDR:]HOSTPORT:GUESTPORT",
+        ),
+        (vec!["--forward", "tcp:0:22"], "'0' is not a port"),
+        (vec!["--forward", "tcp:2222:99999"], "'99999' is not a port"),
+        (
+            vec!["--forward", "tcp:nowhere:2222:22"],
+            "'nowhere' is not an IP address",
+        ),
+        (vec!["--forward", "sctp:1:2:3:4"], "is not [tcp|udp:]"),
+        (
+            vec!["--net", "none", "--forward", "2222:22"],
+            "--forward needs a network",
+        ),
+    ] {
+        let mut a = vec!["run", "--kernel", k];
+        a.extend(args);
+        assert_one_clear_line(&a, &[], expect);
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let spec = format!("tcp:{port}:22");
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--forward", &spec],
+        &[],
+        &format!("--forward tcp:127.0.0.1:{port}:22: cannot listen on 127.0.0.1:{port}: the port is already in use"),
+    );
+}

@@ -138,7 +138,8 @@ pub trait VirtioDevice: Send {
     fn host_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
-    /// One of [`VirtioDevice::host_fds`] is ready.
+    /// One of [`VirtioDevice::host_fds`] is ready; called whether or not the device is active,
+    /// and it must consume the readiness.
     fn host_event(&mut self, _fd: RawFd) -> Result<(), DeviceError> {
         Ok(())
     }

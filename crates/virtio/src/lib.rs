@@ -16,12 +16,14 @@
 pub mod blk;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod testing;
 
 pub use blk::{Block, BlockConfig, CacheMode};
 pub use device::{DeviceError, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
+pub use net::Net;
 pub use rng::Rng;
 
 /// Guest memory as every tandem device sees it.

@@ -434,9 +434,11 @@ impl MutEventSubscriber for MmioTransport {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
         if data >= HOST_FD_DATA {
-            if self.activated {
-                let fd: RawFd = events.fd();
-                if let Err(e) = self.device.host_event(fd) {
+            // Served even while the driver is not ready: host fds are level-triggered, and an
+            // unserved one would spin the I/O thread.
+            let fd: RawFd = events.fd();
+            if let Err(e) = self.device.host_event(fd) {
+                if self.activated {
                     self.fail(&e);
                 }
             }

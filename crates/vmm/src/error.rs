@@ -78,6 +78,9 @@ pub enum VmError {
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] tandem_virtio::blk::BlockError),
+    /// The network could not be set up (a forward's port in use, ...).
+    #[error(transparent)]
+    Net(#[from] tandem_net::user::NetError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -103,7 +106,8 @@ impl VmError {
             | VmError::MemoryTooSmall { .. }
             | VmError::SerialFile { .. }
             | VmError::TooManyDevices(_)
-            | VmError::Disk(_) => true,
+            | VmError::Disk(_)
+            | VmError::Net(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

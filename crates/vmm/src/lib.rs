@@ -25,4 +25,4 @@ pub mod virtio;
 pub mod vm;
 
 pub use error::VmError;
-pub use vm::{run, SerialOutput, VmConfig, VmOutcome};
+pub use vm::{run, NetConfig, SerialOutput, VmConfig, VmOutcome};

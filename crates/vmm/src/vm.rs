@@ -68,6 +68,15 @@ pub struct VmConfig {
     pub disks: Vec<tandem_virtio::BlockConfig>,
     /// Whether the guest gets a virtio entropy device.
     pub rng: bool,
+    /// The guest's network, if it has one.
+    pub net: Option<NetConfig>,
+}
+
+/// A guest network interface.
+#[derive(Debug, Clone)]
+pub enum NetConfig {
+    /// User-mode NAT with port forwards (no privilege needed).
+    User(tandem_net::user::UserNetConfig),
 }
 
 /// How a VM ended.
@@ -161,17 +170,22 @@ pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
             source,
         })?;
     }
-    validate_devices(cfg)
+    Ok(())
 }
 
 /// Checks the device configuration without KVM: the device count, and that every disk image
 /// can be opened and locked as asked (it is closed again at once).
 pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
-    if cfg.disks.len() + usize::from(cfg.rng) > layout::VIRTIO_MAX_DEVICES {
+    let devices = cfg.disks.len() + usize::from(cfg.rng) + usize::from(cfg.net.is_some());
+    if devices > layout::VIRTIO_MAX_DEVICES {
         return Err(VmError::TooManyDevices(layout::VIRTIO_MAX_DEVICES));
     }
     for d in &cfg.disks {
         tandem_virtio::blk::FileDisk::open(&d.path, d.readonly)?;
+    }
+    if let Some(NetConfig::User(u)) = &cfg.net {
+        // Bound and released at once: a port in use fails here, before the guest starts.
+        tandem_net::user::UserNet::new(u)?;
     }
     Ok(())
 }
@@ -410,6 +424,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let mut virtio = VirtioDevices::default();
     for (i, disk) in disks.into_iter().enumerate() {
         virtio.attach(&vm, &mut bus, &mem, Box::new(disk), &format!("disk{i}"))?;
+    }
+    if let Some(NetConfig::User(u)) = &cfg.net {
+        let backend = tandem_net::user::UserNet::new(u)?;
+        let mac = tandem_net::user::GUEST_MAC.0;
+        for f in &u.forwards {
+            tracing::info!("forwarding {f} (host:guest)");
+        }
+        let dev = tandem_virtio::Net::new(Box::new(backend), mac);
+        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "net0")?;
     }
     if cfg.rng {
         virtio.attach(

@@ -1,0 +1,396 @@
+//! Datagram relays: UDP from the guest (DNS included), UDP forwards, and ICMP echo through
+//! host ping sockets.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::EthernetAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::phy::Queues;
+use super::wire::{echo_reply_frame, udp_frame};
+use super::{DNS, GATEWAY, GUEST, KIND_DATAGRAM, NETMASK, TOKEN_KIND_SHIFT};
+
+/// Most UDP relays (guest source ports) and ping identifiers at once; the least recently used
+/// one is closed to make room.
+const MAX_FLOWS: usize = 256;
+/// A relay unused this long is closed.
+const IDLE: Duration = Duration::from_secs(120);
+/// Client addresses remembered per UDP forward.
+const MAX_PEERS: usize = 64;
+/// Gateway ports that stand for UDP-forward clients start here.
+const PEER_PORT_BASE: u16 = 40000;
+
+enum Slot {
+    /// The guest's datagrams from one source port, relayed from one host socket.
+    Nat {
+        guest: SocketAddrV4,
+        sock: UdpSocket,
+        last: Instant,
+    },
+    /// Echo requests with one identifier, through one host ping socket.
+    Ping {
+        ident: u16,
+        sock: UdpSocket,
+        last: Instant,
+    },
+    /// A host UDP port forwarded to a guest port.
+    Forward {
+        sock: UdpSocket,
+        guest_port: u16,
+        peers: Vec<SocketAddr>,
+        base: u16,
+        evict: usize,
+    },
+}
+
+/// Every datagram relay.
+pub struct Datagrams {
+    upstream: Option<SocketAddrV4>,
+    slots: Vec<Option<Slot>>,
+    ping_denied: bool,
+    forwards: u16,
+    restrict: bool,
+}
+
+fn token(index: usize) -> u64 {
+    KIND_DATAGRAM << TOKEN_KIND_SHIFT | index as u64
+}
+
+impl Datagrams {
+    /// Relays DNS to `upstream`; with `restrict`, nothing leaves but replies to forwards.
+    pub fn new(upstream: Option<SocketAddrV4>, restrict: bool) -> Self {
+        Datagrams {
+            upstream,
+            slots: Vec::new(),
+            ping_denied: false,
+            forwards: 0,
+            restrict,
+        }
+    }
+
+    fn insert(&mut self, epoll: &Epoll, slot: Slot) -> io::Result<usize> {
+        let fd = match &slot {
+            Slot::Nat { sock, .. } | Slot::Ping { sock, .. } | Slot::Forward { sock, .. } => {
+                sock.as_raw_fd()
+            }
+        };
+        let index = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token(index)),
+        )?;
+        self.slots[index] = Some(slot);
+        Ok(index)
+    }
+
+    /// Adds a UDP forward whose host socket is `sock`.
+    pub fn add_forward(
+        &mut self,
+        epoll: &Epoll,
+        sock: UdpSocket,
+        guest_port: u16,
+    ) -> io::Result<()> {
+        let base = PEER_PORT_BASE + self.forwards * MAX_PEERS as u16;
+        self.forwards += 1;
+        self.insert(
+            epoll,
+            Slot::Forward {
+                sock,
+                guest_port,
+                peers: Vec::new(),
+                base,
+                evict: 0,
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Closes idle relays, and the least recently used one when `need_room` and all are taken.
+    fn expire(&mut self, epoll: &Epoll, need_room: bool) {
+        let now = Instant::now();
+        let mut relays = 0;
+        let mut oldest: Option<(usize, Instant)> = None;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let (last, fd) = match slot {
+                Some(Slot::Nat { last, sock, .. }) | Some(Slot::Ping { last, sock, .. }) => {
+                    (*last, sock.as_raw_fd())
+                }
+                _ => continue,
+            };
+            if now.duration_since(last) > IDLE {
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                *slot = None;
+                continue;
+            }
+            relays += 1;
+            if oldest.is_none_or(|(_, t)| last < t) {
+                oldest = Some((i, last));
+            }
+        }
+        if need_room && relays >= MAX_FLOWS {
+            if let Some((i, _)) = oldest {
+                if let Some(Slot::Nat { sock, .. } | Slot::Ping { sock, .. }) = &self.slots[i] {
+                    let _ = epoll.ctl(
+                        ControlOperation::Delete,
+                        sock.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+                self.slots[i] = None;
+            }
+        }
+    }
+
+    /// Where a guest datagram to `dst` goes on the host.
+    fn host_target(&self, dst: SocketAddrV4) -> Option<SocketAddrV4> {
+        if self.restrict {
+            return None;
+        }
+        let ip = *dst.ip();
+        let net = u32::from(GATEWAY) & u32::from(NETMASK);
+        if ip == DNS {
+            return (dst.port() == 53).then_some(self.upstream).flatten();
+        }
+        if ip == GATEWAY {
+            return Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+        }
+        if u32::from(ip) & u32::from(NETMASK) == net
+            || ip.is_broadcast()
+            || ip.is_multicast()
+            || ip.is_unspecified()
+        {
+            return None;
+        }
+        Some(dst)
+    }
+}
+
+/// How the guest sees a datagram's host source.
+fn guest_view(upstream: Option<SocketAddrV4>, from: SocketAddr) -> Option<SocketAddrV4> {
+    {
+        let SocketAddr::V4(from) = from else {
+            return None;
+        };
+        if Some(from) == upstream {
+            return Some(SocketAddrV4::new(DNS, 53));
+        }
+        if from.ip().is_loopback() {
+            return Some(SocketAddrV4::new(GATEWAY, from.port()));
+        }
+        Some(from)
+    }
+}
+
+impl Datagrams {
+    /// A UDP datagram from the guest.
+    pub fn guest_datagram(
+        &mut self,
+        epoll: &Epoll,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+        _mac: EthernetAddress,
+        _dev: &mut Queues,
+    ) {
+        // A reply to a UDP forward's client?
+        if *dst.ip() == GATEWAY {
+            for slot in self.slots.iter().flatten() {
+                if let Slot::Forward {
+                    sock,
+                    guest_port,
+                    peers,
+                    base,
+                    ..
+                } = slot
+                {
+                    let i = dst.port().wrapping_sub(*base) as usize;
+                    if src.port() == *guest_port && i < peers.len() {
+                        let _ = sock.send_to(payload, peers[i]);
+                        return;
+                    }
+                }
+            }
+        }
+        let Some(target) = self.host_target(dst) else {
+            tracing::trace!("user network: UDP to {dst} dropped");
+            return;
+        };
+        let found = self.slots.iter_mut().flatten().find_map(|s| match s {
+            Slot::Nat { guest, sock, last } if *guest == src => {
+                *last = Instant::now();
+                Some(sock.try_clone())
+            }
+            _ => None,
+        });
+        let sock = match found {
+            Some(Ok(s)) => s,
+            Some(Err(_)) => return,
+            None => {
+                self.expire(epoll, true);
+                let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("user network: UDP socket: {e}");
+                        return;
+                    }
+                };
+                let _ = sock.set_nonblocking(true);
+                let Ok(clone) = sock.try_clone() else { return };
+                let slot = Slot::Nat {
+                    guest: src,
+                    sock,
+                    last: Instant::now(),
+                };
+                if self.insert(epoll, slot).is_err() {
+                    return;
+                }
+                clone
+            }
+        };
+        if let Err(e) = sock.send_to(payload, target) {
+            tracing::debug!("user network: UDP to {target}: {e}");
+        }
+    }
+
+    /// An ICMP echo request from the guest to `dst`.
+    pub fn echo(&mut self, epoll: &Epoll, dst: Ipv4Addr, ident: u16, seq: u16, data: &[u8]) {
+        if self.ping_denied {
+            return;
+        }
+        let Some(target) = self.host_target(SocketAddrV4::new(dst, 0)) else {
+            return;
+        };
+        let found = self.slots.iter_mut().flatten().find_map(|s| match s {
+            Slot::Ping {
+                ident: i,
+                sock,
+                last,
+            } if *i == ident => {
+                *last = Instant::now();
+                Some(sock.try_clone())
+            }
+            _ => None,
+        });
+        let sock = match found {
+            Some(Ok(s)) => s,
+            Some(Err(_)) => return,
+            None => {
+                self.expire(epoll, true);
+                // SAFETY: plain socket(2); the descriptor is owned by the UdpSocket below.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        libc::IPPROTO_ICMP,
+                    )
+                };
+                if fd < 0 {
+                    tracing::info!(
+                        "user network: the host does not allow unprivileged ping sockets ({}); guest pings go unanswered",
+                        io::Error::last_os_error()
+                    );
+                    self.ping_denied = true;
+                    return;
+                }
+                // SAFETY: fd is a fresh socket nobody else owns.
+                let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+                let Ok(clone) = sock.try_clone() else { return };
+                let slot = Slot::Ping {
+                    ident,
+                    sock,
+                    last: Instant::now(),
+                };
+                if self.insert(epoll, slot).is_err() {
+                    return;
+                }
+                clone
+            }
+        };
+        // The kernel sets the identifier and checksum of ping-socket requests.
+        let mut pkt = vec![8u8, 0, 0, 0, 0, 0];
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.extend_from_slice(data);
+        let _ = sock.send_to(&pkt, target);
+    }
+
+    /// Host socket `index` is readable.
+    pub fn host_event(&mut self, index: usize, mac: EthernetAddress, dev: &mut Queues) {
+        let mut buf = vec![0u8; 65536];
+        let upstream = self.upstream;
+        let view = |from: SocketAddr| guest_view(upstream, from);
+        let Some(Some(slot)) = self.slots.get_mut(index) else {
+            return;
+        };
+        for _ in 0..64 {
+            match slot {
+                Slot::Nat { guest, sock, .. } => {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        break;
+                    };
+                    if let Some(src) = view(from) {
+                        if let Some(f) = udp_frame(mac, src, *guest, &buf[..n]) {
+                            dev.push_to_guest(f);
+                        }
+                    }
+                }
+                Slot::Ping { ident, sock, .. } => {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        break;
+                    };
+                    let SocketAddr::V4(from) = from else { continue };
+                    // An echo reply: type 0, then code, checksum, identifier, sequence.
+                    if n >= 8 && buf[0] == 0 {
+                        let seq = u16::from_be_bytes([buf[6], buf[7]]);
+                        dev.push_to_guest(echo_reply_frame(
+                            mac,
+                            *from.ip(),
+                            *ident,
+                            seq,
+                            &buf[8..n],
+                        ));
+                    }
+                }
+                Slot::Forward {
+                    sock,
+                    guest_port,
+                    peers,
+                    base,
+                    evict,
+                } => {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        break;
+                    };
+                    let i = match peers.iter().position(|p| *p == from) {
+                        Some(i) => i,
+                        None if peers.len() < MAX_PEERS => {
+                            peers.push(from);
+                            peers.len() - 1
+                        }
+                        None => {
+                            // Full: the oldest client's gateway port is reused.
+                            let i = *evict % MAX_PEERS;
+                            *evict += 1;
+                            peers[i] = from;
+                            i
+                        }
+                    };
+                    let src = SocketAddrV4::new(GATEWAY, *base + i as u16);
+                    let dst = SocketAddrV4::new(GUEST, *guest_port);
+                    if let Some(f) = udp_frame(mac, src, dst, &buf[..n]) {
+                        dev.push_to_guest(f);
+                    }
+                }
+            }
+        }
+    }
+}

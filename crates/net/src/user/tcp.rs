@@ -1,0 +1,442 @@
+//! TCP relays: a smoltcp socket facing the guest joined to a host socket.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::wire::IpListenEndpoint;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{DNS, GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, NETMASK, TOKEN_KIND_SHIFT};
+
+/// Buffer size of each direction of a relayed connection.
+const BUFFER: usize = 256 << 10;
+/// First local port of connections tandem opens to the guest.
+const EPHEMERAL_FIRST: u16 = 49152;
+
+struct Flow {
+    handle: SocketHandle,
+    host: TcpStream,
+    /// The host connect() has not finished yet.
+    connecting: bool,
+    /// The host sent FIN (we closed the guest-facing side).
+    host_eof: bool,
+    /// We passed the guest's FIN on (shutdown of the host socket's write side).
+    host_write_shut: bool,
+    /// A host write would block.
+    want_out: bool,
+    /// The host fd left epoll (after a hang-up): relayed on every pump instead.
+    unwatched: bool,
+    interest: EventSet,
+    established: bool,
+    key: Option<(SocketAddrV4, SocketAddrV4)>,
+    /// Reaped after this many more pumps (set when the flow is finished or aborted).
+    dying: Option<u8>,
+}
+
+/// All relayed connections.
+#[derive(Default)]
+pub struct Flows {
+    slots: Vec<Option<Flow>>,
+    by_key: HashMap<(SocketAddrV4, SocketAddrV4), usize>,
+    next_port: u16,
+    count: usize,
+    restrict: bool,
+}
+
+fn token(index: usize) -> u64 {
+    KIND_FLOW << TOKEN_KIND_SHIFT | index as u64
+}
+
+fn new_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; BUFFER]),
+        tcp::SocketBuffer::new(vec![0; BUFFER]),
+    );
+    s.set_nagle_enabled(false);
+    s
+}
+
+/// A non-blocking connect to `addr`; `Ok` while it is in progress.
+fn connect_nonblocking(addr: SocketAddrV4) -> io::Result<TcpStream> {
+    // SAFETY: plain socket(2); the descriptor is owned by the TcpStream below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sa is a valid sockaddr_in for the length given.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Where a guest connection to `dst` goes on the host: the gateway is the host's loopback.
+fn host_target(dst: SocketAddrV4) -> Option<SocketAddrV4> {
+    let ip = *dst.ip();
+    let net = u32::from(GATEWAY) & u32::from(NETMASK);
+    if ip == GATEWAY {
+        Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()))
+    } else if ip == DNS
+        || u32::from(ip) & u32::from(NETMASK) == net
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+    {
+        None
+    } else {
+        Some(dst)
+    }
+}
+
+impl Flows {
+    /// No connections yet; with `restrict`, the guest may not open any.
+    pub fn new(restrict: bool) -> Self {
+        Flows {
+            restrict,
+            ..Flows::default()
+        }
+    }
+
+    fn insert(&mut self, epoll: &Epoll, flow: Flow) -> Option<usize> {
+        let index = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let ev = EpollEvent::new(flow.interest, token(index));
+        if let Err(e) = epoll.ctl(ControlOperation::Add, flow.host.as_raw_fd(), ev) {
+            tracing::warn!("user network: cannot watch a connection: {e}");
+            return None;
+        }
+        if let Some(k) = flow.key {
+            self.by_key.insert(k, index);
+        }
+        self.slots[index] = Some(flow);
+        self.count += 1;
+        Some(index)
+    }
+
+    /// The guest sent a SYN from `src` to `dst`: connect on the host and have a socket listen
+    /// for it. Without a listener the stack answers with a reset (refused, unreachable, full).
+    pub fn open_outbound(
+        &mut self,
+        sockets: &mut SocketSet<'static>,
+        epoll: &Epoll,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) {
+        if self.by_key.contains_key(&(src, dst)) {
+            return; // A retransmitted SYN.
+        }
+        if self.count >= MAX_TCP_FLOWS {
+            tracing::debug!("user network: connection limit reached, refusing {dst}");
+            return;
+        }
+        let Some(target) = host_target(dst).filter(|_| !self.restrict) else {
+            return;
+        };
+        let host = match connect_nonblocking(target) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("user network: connect to {target} failed: {e}");
+                return;
+            }
+        };
+        let mut sock = new_socket();
+        let ep = IpListenEndpoint {
+            addr: Some((*dst.ip()).into()),
+            port: dst.port(),
+        };
+        if sock.listen(ep).is_err() {
+            return;
+        }
+        let handle = sockets.add(sock);
+        let flow = Flow {
+            handle,
+            host,
+            connecting: true,
+            host_eof: false,
+            host_write_shut: false,
+            want_out: false,
+            unwatched: false,
+            interest: EventSet::OUT,
+            established: false,
+            key: Some((src, dst)),
+            dying: None,
+        };
+        if self.insert(epoll, flow).is_none() {
+            sockets.remove(handle);
+        }
+    }
+
+    /// A host connection accepted on a forward: open a connection to `guest` from the gateway.
+    pub fn open_inbound(
+        &mut self,
+        iface: &mut Interface,
+        sockets: &mut SocketSet<'static>,
+        epoll: &Epoll,
+        host: TcpStream,
+        guest: SocketAddrV4,
+    ) {
+        if self.count >= MAX_TCP_FLOWS {
+            tracing::warn!(
+                "user network: connection limit reached, closing a forwarded connection"
+            );
+            return;
+        }
+        if host.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = host.set_nodelay(true);
+        let mut sock = new_socket();
+        let port = self.ephemeral_port(sockets);
+        let remote = (smoltcp::wire::IpAddress::from(*guest.ip()), guest.port());
+        let local = (smoltcp::wire::IpAddress::from(GATEWAY), port);
+        if let Err(e) = sock.connect(iface.context(), remote, local) {
+            tracing::warn!("user network: cannot connect to the guest: {e}");
+            return;
+        }
+        let handle = sockets.add(sock);
+        let flow = Flow {
+            handle,
+            host,
+            connecting: false,
+            host_eof: false,
+            host_write_shut: false,
+            want_out: false,
+            unwatched: false,
+            interest: EventSet::empty(),
+            established: false,
+            key: None,
+            dying: None,
+        };
+        if self.insert(epoll, flow).is_none() {
+            sockets.remove(handle);
+        }
+    }
+
+    fn ephemeral_port(&mut self, sockets: &SocketSet<'static>) -> u16 {
+        for _ in 0..(u16::MAX - EPHEMERAL_FIRST) {
+            if self.next_port < EPHEMERAL_FIRST {
+                self.next_port = EPHEMERAL_FIRST;
+            }
+            let p = self.next_port;
+            self.next_port = self.next_port.wrapping_add(1);
+            let used = self.slots.iter().flatten().any(|f| {
+                sockets
+                    .get::<tcp::Socket>(f.handle)
+                    .local_endpoint()
+                    .is_some_and(|e| e.port == p)
+            });
+            if !used {
+                return p;
+            }
+        }
+        EPHEMERAL_FIRST
+    }
+
+    /// An epoll event on connection `index`'s host socket.
+    pub fn host_event(&mut self, sockets: &mut SocketSet<'static>, index: usize, ev: u32) {
+        let Some(Some(f)) = self.slots.get_mut(index) else {
+            return;
+        };
+        let hup = ev & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+        if f.connecting {
+            match f.host.take_error() {
+                Ok(None) if !hup => {
+                    f.connecting = false;
+                }
+                other => {
+                    let why = match other {
+                        Ok(Some(e)) | Err(e) => e.to_string(),
+                        Ok(None) => "hung up".into(),
+                    };
+                    tracing::debug!("user network: host connect failed: {why}");
+                    sockets.get_mut::<tcp::Socket>(f.handle).abort();
+                    f.dying = Some(1);
+                }
+            }
+        } else if hup {
+            // Level-triggered hang-ups would fire until the flow ends: relay without epoll.
+            f.unwatched = true;
+        }
+    }
+
+    /// Moves data both ways on every connection; true when anything moved.
+    pub fn relay(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) -> bool {
+        let mut moved = false;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(f) = slot else { continue };
+            if f.dying.is_some() {
+                continue;
+            }
+            let sock = sockets.get_mut::<tcp::Socket>(f.handle);
+            moved |= relay_one(f, sock);
+            let want = if f.dying.is_some() || f.unwatched {
+                None
+            } else if f.connecting {
+                Some(EventSet::OUT)
+            } else {
+                let mut w = EventSet::empty();
+                if !f.host_eof && sock.can_send() {
+                    w |= EventSet::IN;
+                }
+                if f.want_out {
+                    w |= EventSet::OUT;
+                }
+                Some(w)
+            };
+            match want {
+                None if f.interest != EventSet::empty() || f.unwatched => {
+                    let _ = epoll.ctl(
+                        ControlOperation::Delete,
+                        f.host.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    f.interest = EventSet::empty();
+                }
+                Some(w) if w != f.interest => {
+                    let ev = EpollEvent::new(w, token(index));
+                    let _ = epoll.ctl(ControlOperation::Modify, f.host.as_raw_fd(), ev);
+                    f.interest = w;
+                }
+                _ => {}
+            }
+        }
+        moved
+    }
+
+    /// Drops finished connections.
+    pub fn reap(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) {
+        for slot in self.slots.iter_mut() {
+            let Some(f) = slot else { continue };
+            let state = sockets.get::<tcp::Socket>(f.handle).state();
+            let finished =
+                f.host_eof && f.host_write_shut && matches!(state, State::Closed | State::TimeWait);
+            if f.dying.is_none() && (finished || (state == State::Closed && !f.connecting)) {
+                if state == State::Closed && !finished {
+                    // Reset or never answered by the guest.
+                    tracing::trace!("user network: connection closed by a reset");
+                }
+                f.dying = Some(0);
+            }
+            match f.dying {
+                Some(0) => {
+                    let _ = epoll.ctl(
+                        ControlOperation::Delete,
+                        f.host.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    sockets.remove(f.handle);
+                    if let Some(k) = f.key {
+                        self.by_key.remove(&k);
+                    }
+                    *slot = None;
+                    self.count -= 1;
+                }
+                Some(n) => f.dying = Some(n - 1),
+                None => {}
+            }
+        }
+    }
+}
+
+fn relay_one(f: &mut Flow, sock: &mut tcp::Socket<'static>) -> bool {
+    let mut moved = false;
+    if f.connecting {
+        return false;
+    }
+    if sock.state() == State::Established {
+        f.established = true;
+    }
+    // Host to guest.
+    while !f.host_eof && sock.can_send() {
+        let host = &mut f.host;
+        let r = sock.send(|buf| match host.read(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) => {
+                f.host_eof = true;
+                sock.close();
+                moved = true;
+            }
+            Ok(Ok(_)) => moved = true,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) | Err(_) => {
+                sock.abort();
+                f.dying = Some(1);
+                return true;
+            }
+        }
+    }
+    // Guest to host.
+    f.want_out = false;
+    while sock.can_recv() {
+        let host = &mut f.host;
+        let r = sock.recv(|buf| match host.write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(_)) => moved = true,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                f.want_out = true;
+                break;
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) | Err(_) => {
+                sock.abort();
+                f.dying = Some(1);
+                return true;
+            }
+        }
+    }
+    // The guest's FIN, once its data is all written.
+    let guest_done = matches!(
+        sock.state(),
+        State::CloseWait | State::LastAck | State::Closing | State::TimeWait | State::Closed
+    );
+    if f.established && guest_done && !f.host_write_shut && sock.recv_queue() == 0 {
+        let _ = f.host.shutdown(Shutdown::Write);
+        f.host_write_shut = true;
+        moved = true;
+    }
+    let _ = f.host.flush();
+    moved
+}
