@@ -10,13 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Bump when the recipe changes in a way the hash of its inputs does not catch.
-const RECIPE: u32 = 3;
+const RECIPE: u32 = 4;
 /// `/init` of the L2 guest initramfs.
 pub const GUEST_INIT: &str = include_str!("guest_init.sh");
 /// busybox udhcpc's script in the L2 guest.
 pub const UDHCPC_SCRIPT: &str = include_str!("udhcpc.script");
-/// Modules the test host loads, with their dependencies (in load order).
-const KVM_MODULES: &[&str] = &["kvm_amd"];
+/// Modules the test host loads, with their dependencies (in load order): KVM, and `dummy` and
+/// `tun` for network tests and benchmarks that need a routable interface or a TAP device.
+const KVM_MODULES: &[&str] = &["kvm_amd", "dummy", "tun"];
 /// Modules carried in the guest initramfs, with their dependencies; the guest's init loads them
 /// by device alias, as udev would.
 const GUEST_MODULES: &[&str] = &[

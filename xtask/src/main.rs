@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod bench_dev;
 mod cpio;
 mod modules;
 mod tasks;
@@ -59,7 +60,9 @@ fn main() {
         Some("guests-dir") => tasks::guests_dir(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("boot") => bench::boot(&root),
-            _ => usage_error("bench: which? (boot)"),
+            Some("net") => bench_dev::net(&root),
+            Some("blk") => bench_dev::blk(&root),
+            _ => usage_error("bench: which? (boot, net, blk)"),
         },
         Some("bench-run") => bench::run_one(&args[1..]),
         Some("-h" | "--help") => return help(),

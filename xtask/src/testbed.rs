@@ -281,7 +281,7 @@ fn console_env() -> String {
 
 /// The shared libraries and dynamic loader the ELF executable `exe` needs, as `ldd` lists them;
 /// none for static executables and other files.
-fn shared_libs(exe: &Path) -> Vec<PathBuf> {
+pub fn shared_libs(exe: &Path) -> Vec<PathBuf> {
     let mut magic = [0u8; 4];
     if fs::File::open(exe)
         .and_then(|mut f| f.read_exact(&mut magic))

@@ -186,6 +186,7 @@ pub fn net_frames(data: &[u8]) {
             }
             let _ = wire::classify(&frame);
             net.send(&frame);
+            net.flush();
             while net.recv().is_some() {}
             rest = next;
         }

@@ -15,8 +15,15 @@ pub use forward::{Forward, ForwardError, Protocol};
 
 /// Moves Ethernet frames between the guest and the host.
 pub trait NetBackend: Send {
-    /// A frame the guest sent (without the virtio-net header).
+    /// A frame the guest sent (without the virtio-net header). It may only be queued: the
+    /// device calls [`NetBackend::flush`] after each batch.
     fn send(&mut self, frame: &[u8]);
+    /// Acts on the frames sent since the last flush.
+    fn flush(&mut self) {}
+    /// The MTU the guest should use (the device announces it).
+    fn mtu(&self) -> u16 {
+        1500
+    }
     /// The next frame for the guest, if one is ready. The device calls this only when it has a
     /// receive buffer for it.
     fn recv(&mut self) -> Option<Vec<u8>>;

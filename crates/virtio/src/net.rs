@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use tandem_net::NetBackend;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 
 use crate::blk::read_config_bytes;
@@ -18,10 +18,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// `struct virtio_net_hdr_v1`: flags, gso type, header length, gso size, checksum start and
 /// offset, number of buffers.
 pub const HEADER_LEN: usize = 12;
-/// The MTU the device announces.
-pub const MTU: u16 = 1500;
-/// Largest frame accepted from the guest (header excluded).
-const MAX_FRAME: usize = MTU as usize + 14 + 4;
+/// Ethernet header plus a VLAN tag: a frame's size beyond its MTU.
+const FRAME_OVERHEAD: usize = 14 + 4;
 const RX: usize = 0;
 const TX: usize = 1;
 /// `VIRTIO_NET_S_LINK_UP`.
@@ -42,17 +40,20 @@ pub struct Net {
     /// A frame taken from the backend that found no receive buffer yet.
     pending: Option<Vec<u8>>,
     tx_buf: Vec<u8>,
+    mtu: u16,
 }
 
 impl Net {
     /// A device with MAC address `mac` on `backend`.
     pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        let mtu = backend.mtu();
         Net {
             backend,
             mac,
             active: None,
             pending: None,
-            tx_buf: Vec::with_capacity(HEADER_LEN + MAX_FRAME),
+            tx_buf: Vec::with_capacity(HEADER_LEN + usize::from(mtu) + FRAME_OVERHEAD),
+            mtu,
         }
     }
 
@@ -61,7 +62,7 @@ impl Net {
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        c[10..12].copy_from_slice(&MTU.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         c
     }
 
@@ -79,7 +80,8 @@ impl Net {
                     .reader(&a.mem)
                     .map_err(|e| DeviceError::bad_queue(TX, e))?;
                 let len = r.available_bytes();
-                if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
+                let max = HEADER_LEN + usize::from(self.mtu) + FRAME_OVERHEAD;
+                if !(HEADER_LEN..=max).contains(&len) {
                     tracing::debug!(len, "virtio-net: transmit buffer of a bad size dropped");
                 } else {
                     self.tx_buf.resize(len, 0);
@@ -93,6 +95,9 @@ impl Net {
             if !a.tx.enable_notification(&a.mem).map_err(bad)? {
                 break;
             }
+        }
+        if used {
+            self.backend.flush();
         }
         if used && a.tx.needs_notification(&a.mem).map_err(bad)? {
             a.interrupt.signal_used_queue();
@@ -165,6 +170,7 @@ impl VirtioDevice for Net {
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);

@@ -6,11 +6,11 @@ use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 /// Frames waiting for the guest (beyond this the stack is told to wait; other frames dropped).
-pub const MAX_TO_GUEST: usize = 1024;
+pub const MAX_TO_GUEST: usize = 256;
 /// Guest frames waiting for the stack (beyond this, dropped; TCP retransmits).
-pub const MAX_TO_STACK: usize = 1024;
-/// Largest Ethernet frame (1500-byte MTU plus the 14-byte header).
-pub const MAX_FRAME: usize = 1514;
+pub const MAX_TO_STACK: usize = 256;
+/// Largest Ethernet frame: the MTU plus the 14-byte header.
+pub const MAX_FRAME: usize = super::MTU as usize + 14;
 
 /// Frames in flight between the guest and the stack.
 #[derive(Default)]

@@ -69,6 +69,7 @@ fn answers_arp_for_the_gateway_and_relays_a_syn_to_a_host_listener() {
     let mut net = UserNet::new(&UserNetConfig::default()).unwrap();
     // The guest resolves the gateway.
     net.send(&arp_for_gateway());
+    net.flush();
     let out = drain(&mut net);
     let reply = out
         .iter()
@@ -90,6 +91,7 @@ fn answers_arp_for_the_gateway_and_relays_a_syn_to_a_host_listener() {
     }
     // A SYN to the gateway's port reaches the host's loopback listener and is answered.
     net.send(&syn_to(SocketAddrV4::new(GATEWAY, port)));
+    net.flush();
     host.set_nonblocking(false).unwrap();
     let (_conn, peer) = host.accept().expect("the host side sees a connection");
     assert!(peer.ip().is_loopback());
@@ -121,8 +123,10 @@ fn a_syn_to_a_closed_host_port_is_reset() {
     drop(closed);
     let mut net = UserNet::new(&UserNetConfig::default()).unwrap();
     net.send(&arp_for_gateway());
+    net.flush();
     drain(&mut net);
     net.send(&syn_to(SocketAddrV4::new(GATEWAY, port)));
+    net.flush();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut rst = false;
     while !rst && std::time::Instant::now() < deadline {

@@ -16,8 +16,8 @@ use super::{DNS, GATEWAY, GATEWAY_MAC, GUEST, NETMASK};
 pub const DHCP_SERVER_PORT: u16 = 67;
 /// DHCP client port.
 pub const DHCP_CLIENT_PORT: u16 = 68;
-/// Largest UDP payload that fits one 1500-byte IP packet.
-pub const MAX_UDP_PAYLOAD: usize = 1500 - 20 - 8;
+/// Largest UDP payload that fits one IP packet of the network's MTU.
+pub const MAX_UDP_PAYLOAD: usize = super::MTU as usize - 20 - 8;
 
 /// What a guest frame is, as far as the user-mode network cares.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,0 +1,337 @@
+//! `cargo xtask bench net` and `cargo xtask bench blk`: device throughput, tandem against QEMU,
+//! each in one testbed run.
+//!
+//! The guest gets the usual initramfs plus an overlay with the benchmark tools (iperf3, or
+//! tandem's `bench-io`) and their libraries, built inside the test host with busybox `cpio`.
+//! - net: iperf3 from the test host to the guest's iperf3 server through a forwarded port, both
+//!   directions: tandem `--net user --forward`, QEMU `-nic user,hostfwd=`, QEMU with passt.
+//! - blk: `bench-io` on /dev/vda (O_DIRECT: sequential MB/s, 4 KiB random IOPS at queue depth 1),
+//!   tandem virtio-blk against QEMU virtio-blk, same raw image on the test host's tmpfs, both
+//!   with the host page cache (`cache=writeback`).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::testbed::shared_libs;
+use crate::{assets, tasks};
+
+const MEM: &str = "512M";
+const QEMU: &str = "qemu-system-x86_64 -M pc -accel kvm -cpu host -m 512M -smp 1 -display none -nodefaults -no-user-config -no-reboot -kernel /guests/vmlinuz -initrd /tmp/bench.gz";
+
+/// Shell lines that pack `files` (paths in the test host, each with the host file whose
+/// libraries it needs) into /tmp/bench.gz: the guest initramfs plus an overlay.
+fn overlay(files: &[(PathBuf, PathBuf)]) -> String {
+    let mut all = BTreeSet::new();
+    for (guest, host) in files {
+        all.insert(guest.clone());
+        all.extend(shared_libs(host));
+    }
+    // The kernel's unpacker creates no missing parents: list every directory, parents first.
+    let mut entries = BTreeSet::new();
+    for f in &all {
+        let mut p = f.as_path();
+        while let Some(parent) = p.parent().filter(|d| *d != Path::new("/")) {
+            entries.insert(parent.to_path_buf());
+            p = parent;
+        }
+        entries.insert(f.clone());
+    }
+    let list: Vec<String> = entries
+        .iter()
+        .filter_map(|p| p.to_str())
+        .map(|p| p.trim_start_matches('/').to_string())
+        .collect();
+    format!(
+        "(cd / && printf '%s\\n' {} | cpio -o -H newc 2>/dev/null | gzip -1 > /tmp/overlay.gz)\n\
+         cat /guests/initramfs.cpio.gz /tmp/overlay.gz > /tmp/bench.gz\n",
+        list.join(" ")
+    )
+}
+
+fn host_tool(name: &str) -> Result<PathBuf, String> {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(format!("{name} not found (apt-get install it)"))
+}
+
+fn install(pkgs: &[&str]) -> Result<(), String> {
+    let missing: Vec<&&str> = pkgs.iter().filter(|p| host_tool(p).is_err()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    assets::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(missing.iter().map(|s| **s))
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
+fn run_testbed(
+    root: &Path,
+    script: &str,
+    carry: &[PathBuf],
+    timeout: u32,
+) -> Result<String, String> {
+    let _ = root;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let script_path = std::env::temp_dir().join(format!("tandem-bench-{}.sh", std::process::id()));
+    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+    let mut tb = Command::new(&me);
+    tb.args(["testbed", "--no-build", "--timeout", &timeout.to_string()]);
+    tb.arg("--with")
+        .arg(format!("{}:/bench.sh", script_path.display()));
+    for p in carry {
+        tb.arg("--with").arg(p);
+    }
+    for p in [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/share/qemu",
+        "/usr/share/seabios",
+    ] {
+        tb.args(["--with", p]);
+    }
+    tb.args(["--", "sh", "/bench.sh"]);
+    let res = tb
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the testbed: {e}"));
+    let _ = std::fs::remove_file(&script_path);
+    let res = res?;
+    let out = String::from_utf8_lossy(&res.stdout).into_owned();
+    if !res.status.success() {
+        eprintln!("{out}");
+        return Err(format!("the testbed run failed ({})", res.status));
+    }
+    Ok(out)
+}
+
+/// `RESULT <vmm> <key>=<value>...` lines, by VMM, in order of appearance.
+fn results(out: &str) -> Vec<(String, Vec<(String, f64)>)> {
+    let mut rows: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+    for l in out.lines() {
+        let mut w = l.split_whitespace();
+        if w.next() != Some("RESULT") {
+            continue;
+        }
+        let Some(vmm) = w.next() else { continue };
+        let kv: Vec<(String, f64)> = w
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect();
+        match rows.iter_mut().find(|(n, _)| n == vmm) {
+            Some((_, v)) => v.extend(kv),
+            None => rows.push((vmm.to_string(), kv)),
+        }
+    }
+    rows
+}
+
+fn print_table(rows: &[(String, Vec<(String, f64)>)], keys: &[&str], base: &str) {
+    let get = |vmm: &str, k: &str| {
+        rows.iter()
+            .find(|(n, _)| n == vmm)
+            .and_then(|(_, kv)| kv.iter().find(|(kk, _)| kk == k).map(|(_, v)| *v))
+    };
+    let mut header = String::from("| VMM |");
+    let mut line = String::from("| --- |");
+    for k in keys {
+        header.push_str(&format!(" {k} | ×{base} |"));
+        line.push_str(" --- | --- |");
+    }
+    println!("{header}\n{line}");
+    for (vmm, _) in rows {
+        let mut r = format!("| {vmm} |");
+        for k in keys {
+            match (get(vmm, k), get(base, k)) {
+                (Some(v), Some(b)) if b > 0.0 => r.push_str(&format!(" {v:.1} | {:.2} |", v / b)),
+                (Some(v), _) => r.push_str(&format!(" {v:.1} | n/a |")),
+                (None, _) => r.push_str(" n/a | n/a |"),
+            }
+        }
+        println!("{r}");
+    }
+}
+
+/// `cargo xtask bench net`.
+pub fn net(root: &Path) -> Result<i32, String> {
+    tasks::ensure_host_packages()?;
+    install(&["iperf3", "passt"])?;
+    tasks::cargo(root, &["build", "--release", "-p", "tandem"])?;
+    assets::ensure(&assets::cache_root()?)?;
+    let iperf = host_tool("iperf3")?;
+    let passt = host_tool("passt")?;
+    let guest = "ip link set eth0 up; udhcpc -q -n -i eth0 >/dev/null 2>&1; iperf3 -s -D; echo BENCH-READY; sleep 900";
+    let mut common = String::from("set -u\n");
+    common.push_str(&overlay(&[(iperf.clone(), iperf.clone())]));
+    common.push_str(&format!(
+        r#"APPEND='console=ttyS0 reboot=k panic=-1 quiet tandem.exec="{guest}"'
+measure() {{
+  name=$1
+  i=0
+  while [ $i -lt 150 ] && ! grep -q BENCH-READY /tmp/$name.log 2>/dev/null; do sleep 1; i=$((i+1)); done
+  grep -q BENCH-READY /tmp/$name.log || {{ echo "RESULT $name failed=1"; tail -5 /tmp/$name.log; return; }}
+  sleep 1
+  for dir in host-to-guest guest-to-host; do
+    flag=; [ $dir = guest-to-host ] && flag=-R
+    iperf3 -c 127.0.0.1 -p 5201 -t 8 -O 2 -f m $flag >/tmp/iperf.out 2>&1
+    mbps=$(grep receiver /tmp/iperf.out | sed 's/.* \([0-9.]*\) Mbits\/sec.*/\1/')
+    [ -n "$mbps" ] || tail -3 /tmp/iperf.out
+    echo "RESULT $name $dir-Mbps=$mbps"
+  done
+}}
+"#
+    ));
+    let per_vmm = [
+        (
+            "tandem",
+            format!(
+                r#"tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --forward tcp:5201:5201 --serial file:/tmp/tandem.log --cmdline "$APPEND" </dev/null >/dev/null 2>&1 &
+pid=$!; measure tandem; kill $pid; wait $pid
+"#
+            ),
+        ),
+        (
+            "qemu-user",
+            format!(
+                r#"{QEMU} -serial file:/tmp/qemu-user.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:5201-:5201 -device virtio-net-pci,netdev=n0,romfile= -append "$APPEND" </dev/null >/dev/null 2>&1 &
+pid=$!; measure qemu-user; kill $pid; wait $pid
+"#
+            ),
+        ),
+        (
+            "qemu-passt",
+            format!(
+                r#"# passt drops root privileges to nobody.
+grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >> /etc/passwd
+grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >> /etc/group
+# passt copies the host's routable interface to the guest: give the test host one.
+ip link add dummy0 type dummy 2>/dev/null
+ip addr add 192.0.2.1/24 dev dummy0
+ip link set dummy0 up
+ip route add default via 192.0.2.254 dev dummy0
+# passt sandboxes itself with pivot_root and a user namespace; both fail on the test host's
+# initramfs root and in a chroot. So it runs in its own mount namespace whose root is a tmpfs
+# moved over / (as switch_root does), holding bind mounts of what it needs.
+unshare -m sh -c 'mkdir -p /pr && mount -t tmpfs tmpfs /pr && for d in usr lib lib64 etc tmp dev proc bin sbin; do mkdir -p /pr/$d; mount --bind /$d /pr/$d; done; cd /pr && mount --move . / && exec chroot . passt -f -q -t 5201 -s /tmp/passt.sock' >/tmp/passt.out 2>&1 &
+ppid=$!
+sleep 1
+{QEMU} -serial file:/tmp/qemu-passt.log -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/passt.sock -device virtio-net-pci,netdev=n0,romfile= -append "$APPEND" </dev/null >/dev/null 2>&1 &
+pid=$!; measure qemu-passt; kill $pid $ppid; wait $pid
+"#
+            ),
+        ),
+    ];
+    eprintln!("bench: iperf3 through a forwarded port, 3 VMMs x 2 directions, one test host each");
+    let mut rows = Vec::new();
+    for (name, body) in &per_vmm {
+        let script = format!("{common}{body}exit 0\n");
+        match run_testbed(root, &script, &[iperf.clone(), passt.clone()], 400) {
+            Ok(out) => {
+                for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
+                    eprintln!("  {l}");
+                }
+                rows.extend(results(&out));
+            }
+            Err(e) => {
+                eprintln!("bench: {name}: {e}");
+                rows.push((name.to_string(), Vec::new()));
+            }
+        }
+    }
+    println!("iperf3 through a forwarded port (Mbit/s, receiver side; 8 s after 2 s warm-up)\n");
+    print_table(
+        &rows,
+        &["host-to-guest-Mbps", "guest-to-host-Mbps"],
+        "qemu-passt",
+    );
+    Ok(0)
+}
+
+/// `cargo xtask bench blk`.
+pub fn blk(root: &Path) -> Result<i32, String> {
+    tasks::ensure_host_packages()?;
+    tasks::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "tandem",
+            "-p",
+            "tandem-bench-io",
+        ],
+    )?;
+    assets::ensure(&assets::cache_root()?)?;
+    let tool = root.join("target/release/bench-io");
+    let guest = "/usr/bin/bench-io /dev/vda 256 10";
+    let mut s = String::from("set -u\nmkdir -p /usr/bin\n");
+    s.push_str(&overlay(&[(
+        PathBuf::from("/usr/bin/bench-io"),
+        tool.clone(),
+    )]));
+    s.push_str(&format!(
+        r#"APPEND='console=ttyS0 reboot=k panic=-1 quiet tandem.exec="{guest}"'
+truncate -s 300M /tmp/disk.img
+measure() {{
+  name=$1; shift
+  timeout 300 "$@" </dev/null 2>&1 | tr -d '\r' >/tmp/$name.out
+  out=$(grep '^bench-io ' /tmp/$name.out)
+  [ -n "$out" ] || {{ echo "RESULT $name failed=1"; tail -5 /tmp/$name.out; return; }}
+  echo "RESULT $name ${{out#bench-io }}"
+}}
+for round in 1 2; do
+measure tandem tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --disk path=/tmp/disk.img,cache=writeback --rng off --cmdline "$APPEND"
+measure qemu sh -c "{QEMU} -serial stdio -drive file=/tmp/disk.img,if=virtio,format=raw,cache=writeback,aio=threads -append \"\$0\"" "$APPEND"
+done
+"#
+    ));
+    eprintln!("bench: bench-io on virtio-blk, tandem and QEMU, 2 rounds each (a few minutes)");
+    let carry = vec![PathBuf::from(format!(
+        "{}:/usr/bin/bench-io",
+        tool.display()
+    ))];
+    let out = run_testbed(root, &s, &carry, 850)?;
+    let rows = results(&out);
+    for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
+        eprintln!("  {l}");
+    }
+    if rows.is_empty() {
+        return Err("no results".into());
+    }
+    println!("bench-io on /dev/vda, O_DIRECT, 256 MiB sequential in 1 MiB requests, 4 KiB random at queue depth 1 for 10 s; best of 2 rounds kept per metric\n");
+    let best: Vec<(String, Vec<(String, f64)>)> = rows
+        .into_iter()
+        .map(|(vmm, kv)| {
+            let mut keys: Vec<String> = kv.iter().map(|(k, _)| k.clone()).collect();
+            keys.dedup();
+            let mut uniq: Vec<(String, f64)> = Vec::new();
+            for (k, v) in kv {
+                match uniq.iter_mut().find(|(kk, _)| *kk == k) {
+                    Some((_, old)) => *old = old.max(v),
+                    None => uniq.push((k, v)),
+                }
+            }
+            (vmm, uniq)
+        })
+        .collect();
+    print_table(
+        &best,
+        &[
+            "seq-write-MBps",
+            "seq-read-MBps",
+            "rand-read-iops",
+            "rand-write-iops",
+        ],
+        "qemu",
+    );
+    Ok(0)
+}
