@@ -261,14 +261,7 @@ pub fn blk(root: &Path) -> Result<i32, String> {
     tasks::ensure_host_packages()?;
     tasks::cargo(
         root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "tandem",
-            "-p",
-            "tandem-bench-io",
-        ],
+        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
     )?;
     assets::ensure(&assets::cache_root()?)?;
     let tool = root.join("target/release/bench-io");

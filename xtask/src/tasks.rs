@@ -9,6 +9,8 @@ use crate::{assets, testbed};
 const HOST_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("seabios", "/usr/share/seabios/bios-256k.bin"),
+    // dropbear (server, in guests) and dbclient (ssh client, in the test host) for the ssh test.
+    ("dropbear-bin", "/usr/sbin/dropbear"),
 ];
 
 fn have(cmd: &str) -> bool {
@@ -91,7 +93,10 @@ pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
             "warnings",
         ],
     )?;
-    cargo(root, &["build", "--release", "-p", "tandem"])?;
+    cargo(
+        root,
+        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
+    )?;
     assets::ensure(&assets::cache_root()?)?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));

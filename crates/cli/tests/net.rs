@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use common::{case, exec_cmdline, run_script, Case};
+use common::{case, exec_cmdline, run_script_with, Case};
 
 type Session = (HashMap<String, Case>, String);
 
@@ -16,6 +16,7 @@ const GUEST_SCRIPT: &str = r#"
 echo lease: $(ip -4 addr show eth0 | grep -o 'inet [0-9./]*')
 echo route: $(ip route | grep default)
 echo dns: $(cat /etc/resolv.conf)
+echo dns-answer: $(nslookup tandem.test 2>&1 | tr '\n' ' ')
 mkdir -p /www/cgi-bin
 wget -q -O /www/big http://10.0.2.2:8000/big && echo guest-got-big: $(sha256sum /www/big)
 wget -q -O /www/small http://10.0.2.2:8000/small
@@ -55,6 +56,10 @@ echo static-ok > /tmp/www/hello
 echo "host-big: $(sha256sum /tmp/www/big)"
 echo "host-small: $(sha256sum /tmp/www/small)"
 httpd -p 127.0.0.1:8000 -h /tmp/www
+# The host's resolver, as tandem finds it: a stub that answers every A query with 192.0.2.77.
+echo 'nameserver 127.0.0.2' > /tmp/resolv.conf
+export TANDEM_RESOLV_CONF=/tmp/resolv.conf
+dns-stub 127.0.0.2:53 192.0.2.77 &
 BOOT="--kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 512M"
 timeout 280 tandem run $BOOT --forward tcp:8080:80 --serial file:/tmp/guest.log --cmdline '{dhcp}' </dev/null &
 pid=$!
@@ -77,7 +82,8 @@ run_case static $BOOT --net user --cmdline '{fixed}'
 run_case busy $BOOT --forward tcp:8000:80
 "#
         );
-        run_script(&script)
+        let stub = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/dns-stub");
+        run_script_with(&script, &[&format!("{stub}:/usr/bin/dns-stub")])
     })
 }
 
@@ -108,6 +114,18 @@ fn dhcp_gives_the_guest_its_address_route_and_resolver() {
         "guest:\n{}",
         g.output
     );
+}
+
+#[test]
+fn the_guests_dns_queries_reach_the_hosts_resolver() {
+    let (cases, all) = session();
+    let g = case(cases, all, "guest");
+    let line = g
+        .output
+        .lines()
+        .find(|l| l.starts_with("dns-answer:"))
+        .unwrap_or_default();
+    assert!(line.contains("192.0.2.77"), "guest:\n{}", g.output);
 }
 
 #[test]

@@ -74,6 +74,12 @@ fn host_kvm_is_fast() -> bool {
 
 /// Runs `script` where guests can boot; returns the cases it ran, by name, plus the whole output.
 pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
+    run_script_with(script, &[])
+}
+
+/// [`run_script`], with host files (and the libraries they need) carried to the same paths in
+/// the test host.
+pub fn run_script_with(script: &str, with: &[&str]) -> (HashMap<String, Case>, String) {
     // One test host at a time: two emulated hosts on two cores only slow each other down.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -81,7 +87,7 @@ pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
     let output = if host_kvm_is_fast() {
         run_on_host(&full)
     } else {
-        let first = run_in_testbed(&full);
+        let first = run_in_testbed(&full, with);
         match first.status.code() {
             // The test host hung (its heartbeat stopped well before the timeout) or its kernel
             // died: that is the emulator, not the code under test. Retry the session once, and
@@ -93,7 +99,7 @@ pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
                     last_heartbeat(&text_of(&first)),
                     text_of(&first)
                 );
-                run_in_testbed(&full)
+                run_in_testbed(&full, with)
             }
             _ => first,
         }
@@ -147,20 +153,30 @@ fn run_on_host(script: &str) -> Output {
         .expect("cannot run sh")
 }
 
-fn run_in_testbed(script: &str) -> Output {
-    xtask()
-        .args([
-            "testbed",
-            "--no-build",
-            "--timeout",
-            &TIMEOUT_S.to_string(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
+fn run_in_testbed(script: &str, with: &[&str]) -> Output {
+    let mut cmd = xtask();
+    cmd.args(["testbed", "--no-build", "--timeout", &TIMEOUT_S.to_string()]);
+    for w in with {
+        cmd.args(["--with", w]);
+    }
+    cmd.args(["--", "sh", "-c", script])
         .output()
         .expect("cannot start the test host")
+}
+
+/// The shared libraries `exe` needs, as `ldd` lists them (absolute paths).
+pub fn shared_libs(exe: &str) -> Vec<String> {
+    let out = Command::new("ldd").arg(exe).output().expect("ldd");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let p = l.split_once("=>").map_or(l, |(_, p)| p).trim();
+            p.split(" (")
+                .next()
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// The test host's uptime at its last heartbeat.

@@ -91,7 +91,8 @@ fn bind_reason(e: &io::Error) -> String {
 pub struct UserNetConfig {
     /// Host ports mapped to guest ports.
     pub forwards: Vec<Forward>,
-    /// Where DNS queries go; `None`: the first IPv4 nameserver of /etc/resolv.conf.
+    /// Where DNS queries go; `None`: the first IPv4 nameserver of /etc/resolv.conf (or of the
+    /// file `$TANDEM_RESOLV_CONF` names).
     pub dns_upstream: Option<SocketAddrV4>,
     /// Isolate the guest: no connections or datagrams out of the virtual network, only the
     /// forwards in (QEMU's `restrict=on`).
@@ -146,9 +147,11 @@ impl UserNet {
         // Accept packets for any destination: the gateway stands in for every remote host.
         iface.set_any_ip(true);
         let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY);
-        let upstream = cfg.dns_upstream.or_else(|| {
-            parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
-        });
+        let resolv =
+            std::env::var_os("TANDEM_RESOLV_CONF").unwrap_or_else(|| "/etc/resolv.conf".into());
+        let upstream = cfg
+            .dns_upstream
+            .or_else(|| parse_resolv_conf(&std::fs::read_to_string(&resolv).unwrap_or_default()));
         let mut datagrams = datagram::Datagrams::new(upstream, cfg.restrict);
         let mut listeners = Vec::new();
         for f in &cfg.forwards {
