@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// The host side listens on 127.0.0.1 unless HOSTADDR says otherwise.
     #[arg(long, value_name = "SPEC", value_parser = parse_forward)]
     forward: Vec<Forward>,
+    /// A virtio console (the guest's /dev/hvc0) besides the serial one: none, stdio or
+    /// file:PATH. Output only.
+    #[arg(long, value_name = "DEST", default_value = "none", value_parser = parse_serial)]
+    console: SerialOutput,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
@@ -180,6 +184,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             })
             .collect(),
         rng: args.rng,
+        console: match args.console {
+            SerialOutput::None => None,
+            other => Some(other),
+        },
         net: match (args.net, args.forward.is_empty()) {
             (Some(NetChoice::None), false) => {
                 return fail("--forward needs a network: drop --net none", EXIT_USAGE)

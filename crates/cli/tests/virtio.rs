@@ -1,5 +1,6 @@
 //! virtio devices seen from real guests: the disk keeps what the guest synced even when tandem is
-//! killed, read-only disks stay unwritten, and the entropy device feeds the guest's hwrng.
+//! killed, read-only disks stay unwritten, the entropy device feeds the guest's hwrng, and the
+//! virtio console carries what the guest writes to /dev/hvc0.
 
 mod common;
 
@@ -29,6 +30,7 @@ fn session() -> &'static Session {
             "echo rng=$(cat /sys/class/misc/hw_random/rng_current); \
              echo bytes=$(head -c 64 /dev/hwrng | wc -c)",
         );
+        let hvc = exec_cmdline("echo hello-from-hvc-$((6*7)) > /dev/hvc0");
         let script = format!(
             r#"
 truncate -s 64M /tmp/disk.img
@@ -43,6 +45,8 @@ record write cat /tmp/write.log
 run_case verify {BOOT} --disk path=/tmp/disk.img,readonly=on --cmdline '{verify}'
 run_case rng {BOOT} --cmdline '{rng}'
 run_case no-rng {BOOT} --rng off --cmdline '{rng}'
+run_case hvc {BOOT} --console file:/tmp/hvc.log --cmdline '{hvc}'
+record hvc-out cat /tmp/hvc.log
 "#
         );
         run_script(&script)
@@ -110,4 +114,22 @@ fn the_entropy_device_feeds_the_guest_hwrng_and_can_be_left_out() {
     let c = case(cases, all, "no-rng");
     assert_eq!(c.rc, 0, "output:\n{}", c.output);
     assert!(!c.output.contains("rng=virtio"), "output:\n{}", c.output);
+}
+
+#[test]
+fn the_virtio_console_carries_guest_output_to_its_file() {
+    let (cases, all) = session();
+    let c = case(cases, all, "hvc");
+    assert_eq!(c.rc, 0, "output:\n{}", c.output);
+    let out = case(cases, all, "hvc-out");
+    assert_eq!(
+        out.output.trim(),
+        "hello-from-hvc-42",
+        "file:\n{}",
+        out.output
+    );
+    assert!(
+        !c.output.contains("hello-from-hvc-42"),
+        "the line belongs to hvc0, not the serial console"
+    );
 }

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod blk;
+pub mod console;
 pub mod device;
 pub mod mmio;
 pub mod net;
@@ -21,6 +22,7 @@ pub mod rng;
 pub mod testing;
 
 pub use blk::{Block, BlockConfig, CacheMode};
+pub use console::Console;
 pub use device::{DeviceError, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::Net;

@@ -70,6 +70,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// The guest's network, if it has one.
     pub net: Option<NetConfig>,
+    /// Where the virtio console's output goes (`None`: no virtio console).
+    pub console: Option<SerialOutput>,
 }
 
 /// A guest network interface.
@@ -176,7 +178,10 @@ pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
 /// Checks the device configuration without KVM: the device count, and that every disk image
 /// can be opened and locked as asked (it is closed again at once).
 pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
-    let devices = cfg.disks.len() + usize::from(cfg.rng) + usize::from(cfg.net.is_some());
+    let devices = cfg.disks.len()
+        + usize::from(cfg.rng)
+        + usize::from(cfg.net.is_some())
+        + usize::from(cfg.console.is_some());
     if devices > layout::VIRTIO_MAX_DEVICES {
         return Err(VmError::TooManyDevices(layout::VIRTIO_MAX_DEVICES));
     }
@@ -424,6 +429,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let mut virtio = VirtioDevices::default();
     for (i, disk) in disks.into_iter().enumerate() {
         virtio.attach(&vm, &mut bus, &mem, Box::new(disk), &format!("disk{i}"))?;
+    }
+    if let Some(out) = &cfg.console {
+        let dev = tandem_virtio::Console::new(serial_sink(out)?);
+        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "console")?;
     }
     if let Some(NetConfig::User(u)) = &cfg.net {
         let backend = tandem_net::user::UserNet::new(u)?;
