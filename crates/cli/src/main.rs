@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot one VM from a Linux kernel and run it until the guest powers off.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Check this host: /dev/kvm, KVM capabilities, and whether guests run at hardware speed.
     Doctor,
 }
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => run::main(*args),
         Command::Doctor => doctor::main(),
     }
 }

@@ -76,10 +76,12 @@ fn parse_disk(s: &str) -> Result<BlockConfig, String> {
 }
 
 /// The `--net` choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetChoice {
     /// User-mode NAT.
     User,
+    /// A host TAP interface.
+    Tap(String),
     /// No network.
     None,
 }
@@ -88,7 +90,10 @@ fn parse_net(s: &str) -> Result<NetChoice, String> {
     match s {
         "user" => Ok(NetChoice::User),
         "none" => Ok(NetChoice::None),
-        _ => Err(format!("'{s}' is not user or none")),
+        _ => match s.strip_prefix("tap=") {
+            Some(name) if !name.is_empty() => Ok(NetChoice::Tap(name.into())),
+            _ => Err(format!("'{s}' is not user, tap=NAME or none")),
+        },
     }
 }
 
@@ -193,6 +198,13 @@ pub fn main(args: RunArgs) -> ExitCode {
                 return fail("--forward needs a network: drop --net none", EXIT_USAGE)
             }
             (Some(NetChoice::None), true) | (None, true) => None,
+            (Some(NetChoice::Tap(_)), false) => {
+                return fail(
+                    "--forward with --net tap is not supported yet: forward on the host (nftables) or use --net user",
+                    EXIT_USAGE,
+                )
+            }
+            (Some(NetChoice::Tap(name)), true) => Some(NetConfig::Tap(name)),
             (Some(NetChoice::User), _) | (None, false) => Some(NetConfig::User(UserNetConfig {
                 forwards: args.forward,
                 dns_upstream: None,

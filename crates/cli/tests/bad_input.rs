@@ -271,7 +271,19 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
     let k = fake_kernel();
     let k = k.to_str().unwrap();
     for (args, expect) in [
-        (vec!["--net", "bridge"], "'bridge' is not user or none"),
+        (
+            vec!["--net", "bridge"],
+            "'bridge' is not user, tap=NAME or none",
+        ),
+        (vec!["--net", "tap="], "is not user, tap=NAME or none"),
+        (
+            vec!["--net", "tap=a-name-that-is-too-long"],
+            "not a valid interface name",
+        ),
+        (
+            vec!["--net", "tap=tap0", "--forward", "2222:22"],
+            "--forward with --net tap is not supported yet",
+        ),
         (
             vec!["--forward", "tcp:22"],
             "is not [tcp|udp:][HOSTADDR:]HOSTPORT:GUESTPORT",

@@ -3,10 +3,12 @@
 //! A backend moves Ethernet frames between the guest and the host. [`user::UserNet`] needs no
 //! privilege: it terminates the guest's TCP connections in a user-mode TCP/IP stack (smoltcp)
 //! and relays them through ordinary host sockets (NAT), answers DHCP, forwards DNS to the host's
-//! resolver, relays UDP, and maps host ports to guest ports ([`Forward`]).
+//! resolver, relays UDP, and maps host ports to guest ports ([`Forward`]). [`tap::Tap`] puts the
+//! guest's frames on a host TAP interface.
 #![deny(missing_docs)]
 
 pub mod forward;
+pub mod tap;
 pub mod user;
 
 use std::os::fd::RawFd;

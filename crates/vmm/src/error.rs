@@ -81,6 +81,9 @@ pub enum VmError {
     /// The network could not be set up (a forward's port in use, ...).
     #[error(transparent)]
     Net(#[from] tandem_net::user::NetError),
+    /// The TAP interface could not be opened.
+    #[error(transparent)]
+    Tap(#[from] tandem_net::tap::TapError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -107,7 +110,8 @@ impl VmError {
             | VmError::SerialFile { .. }
             | VmError::TooManyDevices(_)
             | VmError::Disk(_)
-            | VmError::Net(_) => true,
+            | VmError::Net(_)
+            | VmError::Tap(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

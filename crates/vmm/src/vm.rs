@@ -79,6 +79,8 @@ pub struct VmConfig {
 pub enum NetConfig {
     /// User-mode NAT with port forwards (no privilege needed).
     User(tandem_net::user::UserNetConfig),
+    /// A host TAP interface, by name.
+    Tap(String),
 }
 
 /// How a VM ended.
@@ -188,9 +190,12 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
     for d in &cfg.disks {
         tandem_virtio::blk::FileDisk::open(&d.path, d.readonly)?;
     }
-    if let Some(NetConfig::User(u)) = &cfg.net {
+    match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
-        tandem_net::user::UserNet::new(u)?;
+        Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
+        // Not opened here: an interface tandem creates would vanish and come back.
+        Some(NetConfig::Tap(name)) => tandem_net::tap::Tap::check_name(name)?,
+        None => {}
     }
     Ok(())
 }
@@ -433,6 +438,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     if let Some(out) = &cfg.console {
         let dev = tandem_virtio::Console::new(serial_sink(out)?);
         virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "console")?;
+    }
+    if let Some(NetConfig::Tap(name)) = &cfg.net {
+        let backend = tandem_net::tap::Tap::open(name)?;
+        let dev = tandem_virtio::Net::new(Box::new(backend), tandem_net::user::GUEST_MAC.0);
+        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "net0")?;
     }
     if let Some(NetConfig::User(u)) = &cfg.net {
         let backend = tandem_net::user::UserNet::new(u)?;
