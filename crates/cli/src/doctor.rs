@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tandem_vmm::probe::{ring0_speed, PROBE_ITERATIONS};
+use tandem_vmm::probe::measure;
 use tandem_vmm::vm::{check_kvm, open_kvm, REQUIRED_CAPS};
 
 fn line(what: &str, verdict: &str) {
@@ -68,7 +68,7 @@ pub fn main() -> ExitCode {
             "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)",
         );
     }
-    let probe = match ring0_speed(&kvm, PROBE_ITERATIONS) {
+    let probe = match measure(&kvm) {
         Ok(p) => p,
         Err(e) => {
             line("ring-0 speed probe", "FAILED");

@@ -13,10 +13,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, VolatileSlice};
 
-use crate::device::{next_chain, Activation, DeviceError, Interrupt, VirtioDevice};
+use crate::device::{next_chain, Activation, DeviceError, SingleQueue, VirtioDevice};
 use crate::Mem;
 
 /// Bytes in a virtio-blk sector.
@@ -502,19 +502,13 @@ fn serve<B: vm_memory::bitmap::BitmapSlice>(
     }
 }
 
-struct Active {
-    mem: Mem,
-    queue: Queue,
-    interrupt: Interrupt,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     disk: Box<dyn DiskBackend>,
     readonly: bool,
     cache: CacheMode,
     serial: Vec<u8>,
-    active: Option<Active>,
+    active: Option<SingleQueue>,
 }
 
 impl Block {
@@ -597,17 +591,8 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
-    fn activate(&mut self, mut a: Activation) -> Result<(), DeviceError> {
-        let queue = a
-            .queues
-            .pop()
-            .filter(|q| q.ready())
-            .ok_or_else(|| DeviceError::Activate("the request queue is not ready".into()))?;
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
+    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+        self.active = Some(SingleQueue::take(a)?);
         Ok(())
     }
     fn reset(&mut self) {

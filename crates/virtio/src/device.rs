@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::Mem;
@@ -104,6 +104,32 @@ pub struct Activation {
     pub interrupt: Interrupt,
     /// Features the driver accepted.
     pub features: u64,
+}
+
+/// What a single-queue device serves once active.
+pub struct SingleQueue {
+    /// Guest memory.
+    pub mem: Mem,
+    /// The queue.
+    pub queue: Queue,
+    /// The device's interrupt line.
+    pub interrupt: Interrupt,
+}
+
+impl SingleQueue {
+    /// Takes the one queue of `a`, which must be ready.
+    pub fn take(mut a: Activation) -> Result<Self, DeviceError> {
+        let queue = a
+            .queues
+            .pop()
+            .filter(|q| q.ready())
+            .ok_or_else(|| DeviceError::Activate("the request queue is not ready".into()))?;
+        Ok(SingleQueue {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        })
+    }
 }
 
 /// A virtio device behind a transport.

@@ -6,26 +6,19 @@
 use std::io::Write;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 
-use crate::device::{next_chain, Activation, DeviceError, Interrupt, VirtioDevice};
-use crate::Mem;
+use crate::device::{next_chain, Activation, DeviceError, SingleQueue, VirtioDevice};
 
 /// The size of the one request queue.
 pub const QUEUE_SIZE: u16 = 64;
 /// Most bytes given per request; a guest asking for more gets this much.
 const MAX_PER_REQUEST: usize = 4096;
 
-struct Active {
-    mem: Mem,
-    queue: Queue,
-    interrupt: Interrupt,
-}
-
 /// A virtio entropy device.
 #[derive(Default)]
 pub struct Rng {
-    active: Option<Active>,
+    active: Option<SingleQueue>,
 }
 
 impl Rng {
@@ -91,17 +84,8 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, mut a: Activation) -> Result<(), DeviceError> {
-        let queue = a
-            .queues
-            .pop()
-            .filter(|q| q.ready())
-            .ok_or_else(|| DeviceError::Activate("the request queue is not ready".into()))?;
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
+    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+        self.active = Some(SingleQueue::take(a)?);
         Ok(())
     }
     fn reset(&mut self) {

@@ -17,6 +17,8 @@
 mod datagram;
 mod phy;
 mod tcp;
+#[cfg(test)]
+mod testutil;
 pub mod wire;
 
 use std::io;

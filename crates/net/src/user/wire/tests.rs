@@ -1,58 +1,11 @@
-use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, DhcpPacket, DhcpRepr, EthernetFrame, IpProtocol, Ipv4Packet,
-    TcpPacket, UdpPacket,
-};
+use smoltcp::wire::{DhcpPacket, DhcpRepr, EthernetFrame, Ipv4Packet, UdpPacket};
 
+use super::super::testutil::{arp_request, syn};
+use super::super::GUEST_MAC;
 use super::*;
 
-const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-
-fn eth(proto: EthernetProtocol, payload: &[u8]) -> Vec<u8> {
-    let repr = EthernetRepr {
-        src_addr: GUEST_MAC,
-        dst_addr: GATEWAY_MAC,
-        ethertype: proto,
-    };
-    let mut buf = vec![0u8; repr.buffer_len() + payload.len()];
-    let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-    repr.emit(&mut f);
-    f.payload_mut().copy_from_slice(payload);
-    buf
-}
-
-fn arp_request(target: Ipv4Addr) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: GUEST_MAC,
-        source_protocol_addr: GUEST,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: target,
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[..]));
-    eth(EthernetProtocol::Arp, &buf)
-}
-
 fn tcp_syn(dst: SocketAddrV4) -> Vec<u8> {
-    // A 20-byte TCP header with only SYN set, inside an IPv4 packet.
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    let ip = Ipv4Repr {
-        src_addr: GUEST,
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; ip.buffer_len() + tcp.len()];
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.emit(&mut p, &ChecksumCapabilities::default());
-    p.payload_mut().copy_from_slice(&tcp);
-    assert!(TcpPacket::new_checked(&tcp[..]).is_ok());
-    eth(EthernetProtocol::Ipv4, &buf)
+    syn(dst)
 }
 
 #[test]
