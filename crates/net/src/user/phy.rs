@@ -15,7 +15,7 @@ pub const MAX_FRAME: usize = super::MTU as usize + 14;
 /// Frames in flight between the guest and the stack.
 #[derive(Default)]
 pub struct Queues {
-    push_to_stack: VecDeque<Vec<u8>>,
+    to_stack: VecDeque<Vec<u8>>,
     to_guest: VecDeque<Vec<u8>>,
     dropped: u64,
 }
@@ -23,11 +23,11 @@ pub struct Queues {
 impl Queues {
     /// Queues a guest frame for the stack.
     pub fn push_to_stack(&mut self, frame: &[u8]) {
-        if self.push_to_stack.len() >= MAX_TO_STACK || frame.len() > MAX_FRAME {
+        if self.to_stack.len() >= MAX_TO_STACK || frame.len() > MAX_FRAME {
             self.drop_frame();
             return;
         }
-        self.push_to_stack.push_back(frame.to_vec());
+        self.to_stack.push_back(frame.to_vec());
     }
 
     /// Queues a frame for the guest (built outside the stack).
@@ -42,6 +42,12 @@ impl Queues {
     /// The next frame for the guest.
     pub fn pop_to_guest(&mut self) -> Option<Vec<u8>> {
         self.to_guest.pop_front()
+    }
+
+    /// Frames waiting: (for the stack, for the guest).
+    #[cfg(test)]
+    pub fn queued(&self) -> (usize, usize) {
+        (self.to_stack.len(), self.to_guest.len())
     }
 
     /// Whether the stack may queue more for the guest.
@@ -86,7 +92,7 @@ impl Device for Queues {
         if self.to_guest.len() >= MAX_TO_GUEST {
             return None;
         }
-        let frame = self.push_to_stack.pop_front()?;
+        let frame = self.to_stack.pop_front()?;
         Some((Rx(frame), Tx(&mut self.to_guest)))
     }
 

@@ -104,3 +104,23 @@ fn resolv_conf_gives_the_first_ipv4_nameserver() {
     );
     assert_eq!(parse_resolv_conf("search example\n"), None);
 }
+
+#[test]
+fn a_guest_that_floods_without_reading_cannot_grow_the_queues() {
+    let mut net = UserNet::new(&UserNetConfig::default()).unwrap();
+    // Each ARP request makes a reply for the guest; the guest never takes them.
+    for _ in 0..5000 {
+        net.send(&arp_for_gateway());
+        net.flush();
+    }
+    let (to_stack, to_guest) = net.dev.queued();
+    assert!(
+        to_guest <= phy::MAX_TO_GUEST,
+        "{to_guest} frames queued for the guest"
+    );
+    assert!(
+        to_stack <= phy::MAX_TO_STACK,
+        "{to_stack} frames queued for the stack"
+    );
+    assert!(to_guest > 0, "replies are queued up to the bound");
+}
