@@ -7,12 +7,12 @@
 //! mapping. The host side prints min/median/max and ratios to QEMU `-M pc`.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{assets, tasks};
+use crate::{assets, bench_dev, tasks};
 
 const ROUNDS: usize = 5;
 const MEM_MIB: u64 = 512;
@@ -64,37 +64,15 @@ pub fn boot(root: &Path) -> Result<i32, String> {
             ));
         }
     }
-    let script_path = std::env::temp_dir().join(format!("tandem-bench-{}.sh", std::process::id()));
-    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
-    let mut tb = Command::new(&me);
-    tb.args(["testbed", "--no-build", "--timeout", "850"]);
-    tb.arg("--with")
-        .arg(format!("{}:/usr/bin/xtask-bench", me.display()));
-    tb.arg("--with")
-        .arg(format!("{}:/bench.sh", script_path.display()));
-    for p in [
-        "/usr/bin/qemu-system-x86_64",
-        "/usr/share/qemu",
-        "/usr/share/seabios",
-    ] {
-        tb.args(["--with", p]);
-    }
-    tb.args(["--", "sh", "/bench.sh"]);
     eprintln!(
         "bench: {} boots in one testbed run (a few minutes)",
         ROUNDS * configs().len()
     );
-    let res = tb
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run the testbed: {e}"));
-    let _ = std::fs::remove_file(&script_path);
-    let res = res?;
-    let out = String::from_utf8_lossy(&res.stdout).into_owned();
-    if !res.status.success() {
-        eprintln!("{out}");
-        return Err(format!("the testbed run failed ({})", res.status));
-    }
+    let carry = [PathBuf::from(format!(
+        "{}:/usr/bin/xtask-bench",
+        me.display()
+    ))];
+    let out = bench_dev::run_testbed(&script, &carry, 850)?;
     let rows: Vec<Sample> = out.lines().filter_map(Sample::parse).collect();
     if rows.len() != ROUNDS * configs().len() {
         eprintln!("{out}");

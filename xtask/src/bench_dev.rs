@@ -73,13 +73,9 @@ fn install(pkgs: &[&str]) -> Result<(), String> {
     )
 }
 
-fn run_testbed(
-    root: &Path,
-    script: &str,
-    carry: &[PathBuf],
-    timeout: u32,
-) -> Result<String, String> {
-    let _ = root;
+/// Runs `script` as /bench.sh in one test host, with `carry` and QEMU (binary and firmware)
+/// carried in; returns its standard output.
+pub fn run_testbed(script: &str, carry: &[PathBuf], timeout: u32) -> Result<String, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let script_path = std::env::temp_dir().join(format!("tandem-bench-{}.sh", std::process::id()));
     std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
@@ -234,7 +230,7 @@ pid=$!; measure qemu-passt; kill $pid $ppid; wait $pid
     let mut rows = Vec::new();
     for (name, body) in &per_vmm {
         let script = format!("{common}{body}exit 0\n");
-        match run_testbed(root, &script, &[iperf.clone(), passt.clone()], 400) {
+        match run_testbed(&script, &[iperf.clone(), passt.clone()], 400) {
             Ok(out) => {
                 for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
                     eprintln!("  {l}");
@@ -292,7 +288,7 @@ done
         "{}:/usr/bin/bench-io",
         tool.display()
     ))];
-    let out = run_testbed(root, &s, &carry, 850)?;
+    let out = run_testbed(&s, &carry, 850)?;
     let rows = results(&out);
     for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
         eprintln!("  {l}");

@@ -46,6 +46,14 @@ enum Slot {
     },
 }
 
+impl Slot {
+    fn sock(&self) -> &UdpSocket {
+        match self {
+            Slot::Nat { sock, .. } | Slot::Ping { sock, .. } | Slot::Forward { sock, .. } => sock,
+        }
+    }
+}
+
 /// Every datagram relay.
 pub struct Datagrams {
     upstream: Option<SocketAddrV4>,
@@ -53,6 +61,8 @@ pub struct Datagrams {
     ping_denied: bool,
     forwards: u16,
     restrict: bool,
+    /// Receive buffer for host sockets.
+    buf: Vec<u8>,
 }
 
 fn token(index: usize) -> u64 {
@@ -68,15 +78,12 @@ impl Datagrams {
             ping_denied: false,
             forwards: 0,
             restrict,
+            buf: vec![0; 65536],
         }
     }
 
     fn insert(&mut self, epoll: &Epoll, slot: Slot) -> io::Result<usize> {
-        let fd = match &slot {
-            Slot::Nat { sock, .. } | Slot::Ping { sock, .. } | Slot::Forward { sock, .. } => {
-                sock.as_raw_fd()
-            }
-        };
+        let fd = slot.sock().as_raw_fd();
         let index = match self.slots.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -192,6 +199,29 @@ fn guest_view(upstream: Option<SocketAddrV4>, from: SocketAddr) -> Option<Socket
 }
 
 impl Datagrams {
+    /// The index of the relay `matches` picks, marked used now; else a new one from `create`
+    /// (after making room). `None` when none could be made.
+    fn relay(
+        &mut self,
+        epoll: &Epoll,
+        matches: impl Fn(&Slot) -> bool,
+        create: impl FnOnce(&mut Self) -> Option<Slot>,
+    ) -> Option<usize> {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(&matches))
+        {
+            if let Some(Slot::Nat { last, .. } | Slot::Ping { last, .. }) = &mut self.slots[i] {
+                *last = Instant::now();
+            }
+            return Some(i);
+        }
+        self.expire(epoll, true);
+        let slot = create(self)?;
+        self.insert(epoll, slot).ok()
+    }
+
     /// A UDP datagram from the guest.
     pub fn guest_datagram(
         &mut self,
@@ -225,37 +255,27 @@ impl Datagrams {
             tracing::trace!("user network: UDP to {dst} dropped");
             return;
         };
-        let found = self.slots.iter_mut().flatten().find_map(|s| match s {
-            Slot::Nat { guest, sock, last } if *guest == src => {
-                *last = Instant::now();
-                Some(sock.try_clone())
-            }
-            _ => None,
-        });
-        let sock = match found {
-            Some(Ok(s)) => s,
-            Some(Err(_)) => return,
-            None => {
-                self.expire(epoll, true);
-                let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
-                    Ok(s) => s,
+        let relay = self.relay(
+            epoll,
+            |s| matches!(s, Slot::Nat { guest, .. } if *guest == src),
+            |_| {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s));
+                match sock {
+                    Ok(sock) => Some(Slot::Nat {
+                        guest: src,
+                        sock,
+                        last: Instant::now(),
+                    }),
                     Err(e) => {
                         tracing::warn!("user network: UDP socket: {e}");
-                        return;
+                        None
                     }
-                };
-                let _ = sock.set_nonblocking(true);
-                let Ok(clone) = sock.try_clone() else { return };
-                let slot = Slot::Nat {
-                    guest: src,
-                    sock,
-                    last: Instant::now(),
-                };
-                if self.insert(epoll, slot).is_err() {
-                    return;
                 }
-                clone
-            }
+            },
+        );
+        let Some(sock) = relay.and_then(|i| self.slots[i].as_ref()).map(Slot::sock) else {
+            return;
         };
         if let Err(e) = sock.send_to(payload, target) {
             tracing::debug!("user network: UDP to {target}: {e}");
@@ -270,22 +290,10 @@ impl Datagrams {
         let Some(target) = self.host_target(SocketAddrV4::new(dst, 0)) else {
             return;
         };
-        let found = self.slots.iter_mut().flatten().find_map(|s| match s {
-            Slot::Ping {
-                ident: i,
-                sock,
-                last,
-            } if *i == ident => {
-                *last = Instant::now();
-                Some(sock.try_clone())
-            }
-            _ => None,
-        });
-        let sock = match found {
-            Some(Ok(s)) => s,
-            Some(Err(_)) => return,
-            None => {
-                self.expire(epoll, true);
+        let relay = self.relay(
+            epoll,
+            |s| matches!(s, Slot::Ping { ident: i, .. } if *i == ident),
+            |this| {
                 // SAFETY: plain socket(2); the descriptor is owned by the UdpSocket below.
                 let fd = unsafe {
                     libc::socket(
@@ -299,22 +307,19 @@ impl Datagrams {
                         "user network: the host does not allow unprivileged ping sockets ({}); guest pings go unanswered",
                         io::Error::last_os_error()
                     );
-                    self.ping_denied = true;
-                    return;
+                    this.ping_denied = true;
+                    return None;
                 }
-                // SAFETY: fd is a fresh socket nobody else owns.
-                let sock = unsafe { UdpSocket::from_raw_fd(fd) };
-                let Ok(clone) = sock.try_clone() else { return };
-                let slot = Slot::Ping {
+                Some(Slot::Ping {
                     ident,
-                    sock,
+                    // SAFETY: fd is a fresh socket nobody else owns.
+                    sock: unsafe { UdpSocket::from_raw_fd(fd) },
                     last: Instant::now(),
-                };
-                if self.insert(epoll, slot).is_err() {
-                    return;
-                }
-                clone
-            }
+                })
+            },
+        );
+        let Some(sock) = relay.and_then(|i| self.slots[i].as_ref()).map(Slot::sock) else {
+            return;
         };
         // The kernel sets the identifier and checksum of ping-socket requests.
         let mut pkt = vec![8u8, 0, 0, 0, 0, 0];
@@ -325,7 +330,7 @@ impl Datagrams {
 
     /// Host socket `index` is readable.
     pub fn host_event(&mut self, index: usize, mac: EthernetAddress, dev: &mut Queues) {
-        let mut buf = vec![0u8; 65536];
+        let buf = &mut self.buf;
         let upstream = self.upstream;
         let view = |from: SocketAddr| guest_view(upstream, from);
         let Some(Some(slot)) = self.slots.get_mut(index) else {
@@ -334,7 +339,7 @@ impl Datagrams {
         for _ in 0..64 {
             match slot {
                 Slot::Nat { guest, sock, .. } => {
-                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    let Ok((n, from)) = sock.recv_from(buf) else {
                         break;
                     };
                     if let Some(src) = view(from) {
@@ -344,7 +349,7 @@ impl Datagrams {
                     }
                 }
                 Slot::Ping { ident, sock, .. } => {
-                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    let Ok((n, from)) = sock.recv_from(buf) else {
                         break;
                     };
                     let SocketAddr::V4(from) = from else { continue };
@@ -367,7 +372,7 @@ impl Datagrams {
                     base,
                     evict,
                 } => {
-                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    let Ok((n, from)) = sock.recv_from(buf) else {
                         break;
                     };
                     let i = match peers.iter().position(|p| *p == from) {

@@ -437,6 +437,5 @@ fn relay_one(f: &mut Flow, sock: &mut tcp::Socket<'static>) -> bool {
         f.host_write_shut = true;
         moved = true;
     }
-    let _ = f.host.flush();
     moved
 }
