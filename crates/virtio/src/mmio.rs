@@ -271,9 +271,9 @@ impl MmioTransport {
     }
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
-        let name = self.name.clone();
+        let name = &self.name;
         let locked = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0;
-        let Some(q) = self.selected_queue() else {
+        let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
             tracing::warn!(device = %name, "queue register written for a queue that does not exist");
             return;
         };
