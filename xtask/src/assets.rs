@@ -15,9 +15,20 @@ const RECIPE: u32 = 4;
 pub const GUEST_INIT: &str = include_str!("guest_init.sh");
 /// busybox udhcpc's script in the L2 guest.
 pub const UDHCPC_SCRIPT: &str = include_str!("udhcpc.script");
-/// Modules the test host loads, with their dependencies (in load order): KVM, and `dummy` and
-/// `tun` for network tests and benchmarks that need a routable interface or a TAP device.
-const KVM_MODULES: &[&str] = &["kvm_amd", "dummy", "tun"];
+/// Modules the test host loads, with their dependencies (in load order): KVM; `dummy`, `tun`
+/// and `veth` for network tests and benchmarks that need a routable interface, a TAP device or
+/// a second network namespace; and nftables with NAT for port forwarding over TAP.
+const KVM_MODULES: &[&str] = &[
+    "kvm_amd",
+    "dummy",
+    "tun",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_fib_ipv4",
+];
 /// Modules carried in the guest initramfs, with their dependencies; the guest's init loads them
 /// by device alias, as udev would.
 const GUEST_MODULES: &[&str] = &[

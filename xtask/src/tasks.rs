@@ -11,6 +11,9 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("seabios", "/usr/share/seabios/bios-256k.bin"),
     // dropbear (server, in guests) and dbclient (ssh client, in the test host) for the ssh test.
     ("dropbear-bin", "/usr/sbin/dropbear"),
+    // nft (tandem's port forwards over TAP) and ip with network namespaces, for the TAP tests.
+    ("nftables", "/usr/sbin/nft"),
+    ("iproute2", "/usr/sbin/ip"),
 ];
 
 fn have(cmd: &str) -> bool {

@@ -7,7 +7,7 @@ use clap::Args;
 use tandem_net::user::UserNetConfig;
 use tandem_net::Forward;
 use tandem_vmm::boot::BootProtocol;
-use tandem_vmm::{NetConfig, SerialOutput, VmConfig, VmError, VmOutcome};
+use tandem_vmm::{NetConfig, SerialOutput, TapConfig, VmConfig, VmError, VmOutcome};
 
 use tandem_virtio::BlockConfig;
 
@@ -54,12 +54,14 @@ pub struct RunArgs {
     /// path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID].
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     disk: Vec<BlockConfig>,
-    /// The guest's network: user (NAT through host sockets, no privilege needed) or none.
+    /// The guest's network: user (NAT through host sockets, no privilege needed),
+    /// tap=NAME[,guest-ip=ADDR] (a host TAP interface) or none.
     /// Default: user when a --forward is given, else none.
     #[arg(long, value_name = "BACKEND", value_parser = parse_net)]
     net: Option<NetChoice>,
     /// Map a host port to a guest port (repeatable): [tcp|udp:][HOSTADDR:]HOSTPORT:GUESTPORT.
-    /// The host side listens on 127.0.0.1 unless HOSTADDR says otherwise.
+    /// The host side listens on 127.0.0.1 unless HOSTADDR says otherwise. With --net tap the
+    /// mapping is an nftables DNAT rule to guest-ip, installed while tandem runs (needs root).
     #[arg(long, value_name = "SPEC", value_parser = parse_forward)]
     forward: Vec<Forward>,
     /// A virtio console (the guest's /dev/hvc0) besides the serial one: none, stdio or
@@ -80,8 +82,8 @@ fn parse_disk(s: &str) -> Result<BlockConfig, String> {
 pub enum NetChoice {
     /// User-mode NAT.
     User,
-    /// A host TAP interface.
-    Tap(String),
+    /// A host TAP interface, and the guest's address on it.
+    Tap(String, Option<std::net::Ipv4Addr>),
     /// No network.
     None,
 }
@@ -90,10 +92,12 @@ fn parse_net(s: &str) -> Result<NetChoice, String> {
     match s {
         "user" => Ok(NetChoice::User),
         "none" => Ok(NetChoice::None),
-        _ => match s.strip_prefix("tap=") {
-            Some(name) if !name.is_empty() => Ok(NetChoice::Tap(name.into())),
-            _ => Err(format!("'{s}' is not user, tap=NAME or none")),
-        },
+        _ if s.starts_with("tap=") => spec::parse_tap(s)
+            .map(|(name, ip)| NetChoice::Tap(name, ip))
+            .map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "'{s}' is not user, tap=NAME[,guest-ip=ADDR] or none"
+        )),
     }
 }
 
@@ -198,13 +202,11 @@ pub fn main(args: RunArgs) -> ExitCode {
                 return fail("--forward needs a network: drop --net none", EXIT_USAGE)
             }
             (Some(NetChoice::None), true) | (None, true) => None,
-            (Some(NetChoice::Tap(_)), false) => {
-                return fail(
-                    "--forward with --net tap is not supported yet: forward on the host (nftables) or use --net user",
-                    EXIT_USAGE,
-                )
-            }
-            (Some(NetChoice::Tap(name)), true) => Some(NetConfig::Tap(name)),
+            (Some(NetChoice::Tap(name, guest_ip)), _) => Some(NetConfig::Tap(TapConfig {
+                name,
+                guest_ip,
+                forwards: args.forward,
+            })),
             (Some(NetChoice::User), _) | (None, false) => Some(NetConfig::User(UserNetConfig {
                 forwards: args.forward,
                 dns_upstream: None,
@@ -236,6 +238,13 @@ pub fn main(args: RunArgs) -> ExitCode {
             eprintln!("tandem: stopped by the user (Ctrl-A x)");
             ExitCode::SUCCESS
         }
+        Ok(VmOutcome::Signal(sig)) => fail(
+            format!(
+                "stopped by {}; the VM was shut down",
+                tandem_vmm::signals::name(sig)
+            ),
+            128 + sig as u8,
+        ),
         Ok(VmOutcome::Reboot) => fail(
             "the guest rebooted; tandem exits on reboot (status 4)",
             EXIT_GUEST_REBOOT,

@@ -115,6 +115,27 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, SpecError> {
     Ok(cfg)
 }
 
+/// Parses `--net tap=NAME[,guest-ip=ADDR]` into the interface name and the guest's address.
+pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), SpecError> {
+    const KEYS: &[&str] = &["tap", "guest-ip"];
+    let mut name = None;
+    let mut guest = None;
+    for (k, v) in pairs(spec, KEYS)? {
+        match k.as_str() {
+            "tap" if !v.is_empty() => name = Some(v),
+            "guest-ip" => {
+                guest = Some(v.parse().map_err(|_| SpecError::BadValue {
+                    key: k,
+                    value: v,
+                    expected: "an IPv4 address",
+                })?)
+            }
+            _ => return Err(SpecError::Missing("tap")),
+        }
+    }
+    Ok((name.ok_or(SpecError::Missing("tap"))?, guest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +178,28 @@ mod tests {
         assert!(matches!(
             parse_disk("path=a,serial=012345678901234567890"),
             Err(SpecError::BadValue { .. })
+        ));
+    }
+
+    #[test]
+    fn tap_specs() {
+        assert_eq!(parse_tap("tap=tap0"), Ok(("tap0".into(), None)));
+        assert_eq!(
+            parse_tap("tap=t1,guest-ip=192.168.100.2"),
+            Ok(("t1".into(), Some(std::net::Ipv4Addr::new(192, 168, 100, 2))))
+        );
+        assert!(matches!(
+            parse_tap("tap=t1,guest-ip=fe80::1"),
+            Err(SpecError::BadValue { .. })
+        ));
+        assert_eq!(parse_tap("tap="), Err(SpecError::Missing("tap")));
+        assert_eq!(
+            parse_tap("guest-ip=10.0.0.2"),
+            Err(SpecError::Missing("tap"))
+        );
+        assert!(matches!(
+            parse_tap("tap=t1,mac=x"),
+            Err(SpecError::UnknownKey { .. })
         ));
     }
 }

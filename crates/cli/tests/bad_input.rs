@@ -273,16 +273,30 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
     for (args, expect) in [
         (
             vec!["--net", "bridge"],
-            "'bridge' is not user, tap=NAME or none",
+            "'bridge' is not user, tap=NAME[,guest-ip=ADDR] or none",
         ),
-        (vec!["--net", "tap="], "is not user, tap=NAME or none"),
+        (vec!["--net", "tap="], "'tap=' is required"),
+        (vec!["--net", "tap=tap0,mac=x"], "unknown key 'mac'"),
+        (
+            vec!["--net", "tap=tap0,guest-ip=10.0.0"],
+            "guest-ip=10.0.0: expected an IPv4 address",
+        ),
         (
             vec!["--net", "tap=a-name-that-is-too-long"],
             "not a valid interface name",
         ),
         (
             vec!["--net", "tap=tap0", "--forward", "2222:22"],
-            "--forward with --net tap is not supported yet",
+            "--forward with --net tap needs the guest's address: --net tap=NAME,guest-ip=ADDR",
+        ),
+        (
+            vec![
+                "--net",
+                "tap=tap0,guest-ip=10.0.0.2",
+                "--forward",
+                "[::1]:2222:22",
+            ],
+            "only IPv4 host addresses can be mapped over --net tap",
         ),
         (
             vec!["--forward", "tcp:22"],
@@ -304,6 +318,20 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
         a.extend(args);
         assert_one_clear_line(&a, &[], expect);
     }
+    // Checked before anything is created on the host.
+    assert_one_clear_line(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--net",
+            "tap=tap0,guest-ip=10.0.0.2",
+            "--forward",
+            "2222:22",
+        ],
+        &[("TANDEM_NFT", "/nonexistent/nft")],
+        "--forward with --net tap needs the nft command (Debian package nftables)",
+    );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let spec = format!("tcp:{port}:22");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script};
+use common::{case, exec_cmdline, run_script, run_script_with, shared_libs};
 
 #[test]
 fn a_guest_on_a_tap_interface_talks_to_the_host() {
@@ -46,5 +46,134 @@ record gone sh -c 'ip link show tap0 2>&1; true'
         !gone.output.contains("tap0:"),
         "the interface tandem created goes away with it:\n{}",
         gone.output
+    );
+}
+
+/// The guest on tap0 at 192.168.100.2, serving a page on port 80 until it is stopped.
+fn web_guest() -> String {
+    exec_cmdline(
+        "ip link set eth0 up; ip addr add 192.168.100.2/24 dev eth0; ip route add default via 192.168.100.1; \
+         mkdir -p /www; echo guest-web-ok > /www/hello; httpd -p 80 -h /www; echo serving; sleep 600",
+    )
+}
+
+/// `--forward` over TAP: tandem installs nftables DNAT rules in a table of its own, a client on
+/// the host (127.0.0.1, the default) and one in another network namespace (through an explicit
+/// host address) reach the guest's server, and the rules are gone after SIGTERM; a table left
+/// by a tandem killed with SIGKILL is removed by the next tandem that maps ports.
+#[test]
+fn forwards_over_tap_are_nftables_rules_removed_on_exit() {
+    let guest = web_guest();
+    let quick = exec_cmdline("true");
+    let script = format!(
+        r#"
+IP=/usr/sbin/ip
+# The "outside": another network namespace, joined to this one by a veth pair.
+mkdir -p /run/netns
+$IP netns add out
+$IP link add vout type veth peer name vin
+$IP link set vin netns out
+$IP addr add 192.168.50.1/24 dev vout
+$IP link set vout up
+$IP netns exec out sh -c 'ip link set lo up; ip addr add 192.168.50.2/24 dev vin; ip link set vin up'
+echo 1 >/proc/sys/net/ipv4/ip_forward
+tap_up() {{
+  i=0
+  while [ $i -lt 100 ] && ! ip link show tap0 >/dev/null 2>&1; do sleep 0.2; i=$((i+1)); done
+  ip addr add 192.168.100.1/24 dev tap0
+  ip link set tap0 up
+}}
+FWD="--net tap=tap0,guest-ip=192.168.100.2 --forward tcp:8022:80 --forward tcp:192.168.50.1:8080:80"
+tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M $FWD --serial file:/tmp/g1.log --cmdline '{guest}' </dev/null 2>/tmp/t1.err &
+pid=$!
+tap_up
+i=0
+while ! wget -q -O /tmp/local http://127.0.0.1:8022/hello 2>/dev/null; do sleep 1; i=$((i+1)); [ $i -gt 120 ] && break; done
+record rules nft list table ip tandem_fwd_$pid
+record local cat /tmp/local
+record outside $IP netns exec out timeout 20 wget -q -O- http://192.168.50.1:8080/hello
+record not-outside $IP netns exec out timeout 20 wget -q -O- http://192.168.50.1:8022/hello
+kill -TERM $pid
+wait $pid
+echo "status=$?" >>/tmp/t1.err
+record term sh -c 'cat /tmp/t1.err; nft list tables; cat /tmp/g1.log'
+
+tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M $FWD --serial file:/tmp/g2.log --cmdline '{guest}' </dev/null 2>/tmp/t2.err &
+pid=$!
+i=0
+while [ $i -lt 300 ] && ! nft list table ip tandem_fwd_$pid >/dev/null 2>&1; do sleep 0.2; i=$((i+1)); done
+kill -KILL $pid
+wait $pid
+record killed sh -c "echo pid=$pid; nft list tables"
+record next timeout 150 tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M $FWD --serial none --cmdline '{quick}' </dev/null
+record after sh -c 'nft list tables; echo tables-listed'
+"#
+    );
+    let nft = "/usr/sbin/nft";
+    let ip = "/usr/sbin/ip";
+    let mut libs = shared_libs(nft);
+    libs.extend(shared_libs(ip));
+    libs.sort();
+    libs.dedup();
+    let mut with = vec![nft, ip];
+    with.extend(libs.iter().map(String::as_str));
+    let (cases, all) = run_script_with(&script, &with);
+
+    let rules = case(&cases, &all, "rules");
+    assert!(
+        rules.output.contains("dnat to 192.168.100.2:80"),
+        "tandem's table holds the DNAT rules:\n{}",
+        rules.output
+    );
+    let local = case(&cases, &all, "local");
+    assert_eq!(local.output.trim(), "guest-web-ok", "from the host itself");
+    let outside = case(&cases, &all, "outside");
+    assert_eq!(
+        outside.output.trim(),
+        "guest-web-ok",
+        "from another network namespace, through 192.168.50.1:8080 (rc {})",
+        outside.rc
+    );
+    let not_outside = case(&cases, &all, "not-outside");
+    assert_ne!(
+        not_outside.rc, 0,
+        "the default 127.0.0.1 forward must not be reachable from outside:\n{}",
+        not_outside.output
+    );
+    let term = case(&cases, &all, "term");
+    assert!(
+        term.output.contains("stopped by SIGTERM"),
+        "{}",
+        term.output
+    );
+    assert!(term.output.contains("status=143"), "{}", term.output);
+    assert!(
+        !term.output.contains("tandem_fwd_"),
+        "the rules are removed on SIGTERM:\n{}",
+        term.output
+    );
+    let killed = case(&cases, &all, "killed");
+    let pid = killed
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .expect("pid")
+        .trim()
+        .to_string();
+    assert!(
+        killed
+            .output
+            .contains(&format!("table ip tandem_fwd_{pid}")),
+        "SIGKILL cannot be caught: the table stays:\n{}",
+        killed.output
+    );
+    let next = case(&cases, &all, "next");
+    assert_eq!(next.rc, 0, "{}", next.output);
+    let after = case(&cases, &all, "after");
+    assert!(after.output.contains("tables-listed"), "{}", after.output);
+    assert!(
+        !after.output.contains("tandem_fwd_"),
+        "the next tandem removed the stale table, and its own on exit:\n{}",
+        after.output
     );
 }

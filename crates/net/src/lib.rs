@@ -4,10 +4,12 @@
 //! privilege: it terminates the guest's TCP connections in a user-mode TCP/IP stack (smoltcp)
 //! and relays them through ordinary host sockets (NAT), answers DHCP, forwards DNS to the host's
 //! resolver, relays UDP, and maps host ports to guest ports ([`Forward`]). [`tap::Tap`] puts the
-//! guest's frames on a host TAP interface.
+//! guest's frames on a host TAP interface, and [`portmap::PortMap`] maps host ports to the guest's
+//! address on it with nftables DNAT rules.
 #![deny(missing_docs)]
 
 pub mod forward;
+pub mod portmap;
 pub mod tap;
 pub mod user;
 

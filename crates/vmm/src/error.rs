@@ -84,6 +84,9 @@ pub enum VmError {
     /// The TAP interface could not be opened.
     #[error(transparent)]
     Tap(#[from] tandem_net::tap::TapError),
+    /// Port forwards over TAP could not be installed.
+    #[error(transparent)]
+    PortMap(#[from] tandem_net::portmap::PortMapError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -111,7 +114,8 @@ impl VmError {
             | VmError::TooManyDevices(_)
             | VmError::Disk(_)
             | VmError::Net(_)
-            | VmError::Tap(_) => true,
+            | VmError::Tap(_)
+            | VmError::PortMap(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -1,4 +1,5 @@
-//! The VMM thread's event loop: host stdin to the serial console, and the guest's power events.
+//! The VMM thread's event loop: host stdin to the serial console, the guest's power events, and
+//! termination signals.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -8,11 +9,13 @@ use tandem_devices::{EventFdTrigger, SerialDevice};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::error::VmError;
+use crate::signals::StopSignals;
 
 const TOK_STDIN: u64 = 0;
 const TOK_POWEROFF: u64 = 1;
 const TOK_RESET: u64 = 2;
 const TOK_VCPU: u64 = 3;
+const TOK_SIGNAL: u64 = 4;
 /// Ctrl-A, then 'x', quits (as in QEMU) when stdin is a raw terminal.
 const ESCAPE: u8 = 0x01;
 /// Host input held back while the guest's receive FIFO is full.
@@ -26,6 +29,8 @@ pub struct EventSources<'a> {
     pub reset: &'a EventFdTrigger,
     /// Signalled by a vCPU thread that stopped.
     pub vcpu_done: &'a EventFdTrigger,
+    /// SIGTERM, SIGINT and SIGHUP.
+    pub signals: &'a StopSignals,
     /// The console UART that receives stdin.
     pub serial: &'a Mutex<SerialDevice>,
     /// Whether to forward stdin.
@@ -45,6 +50,8 @@ pub enum LoopEnd {
     VcpuDone,
     /// The user typed Ctrl-A x.
     UserQuit,
+    /// A termination signal arrived.
+    Signal(i32),
 }
 
 struct Stdin {
@@ -67,6 +74,7 @@ pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
     add(src.poweroff.as_raw_fd(), TOK_POWEROFF).map_err(VmError::Device)?;
     add(src.reset.as_raw_fd(), TOK_RESET).map_err(VmError::Device)?;
     add(src.vcpu_done.as_raw_fd(), TOK_VCPU).map_err(VmError::Device)?;
+    add(src.signals.as_raw_fd(), TOK_SIGNAL).map_err(VmError::Device)?;
     // Regular files and /dev/null cannot be polled: then there is simply no input.
     let mut stdin = Stdin {
         pending: Vec::new(),
@@ -87,6 +95,11 @@ pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
                 TOK_POWEROFF => return Ok(LoopEnd::PowerOff),
                 TOK_RESET => return Ok(LoopEnd::Reset),
                 TOK_VCPU => return Ok(LoopEnd::VcpuDone),
+                TOK_SIGNAL => {
+                    if let Some(sig) = src.signals.read() {
+                        return Ok(LoopEnd::Signal(sig));
+                    }
+                }
                 TOK_STDIN => {
                     if read_stdin(&mut stdin, src.escape) {
                         return Ok(LoopEnd::UserQuit);

@@ -6,6 +6,7 @@
 //! - [`layout`], [`boot`], [`acpi`], [`cpuid`], [`regs`]: what the guest finds at boot, each a
 //!   pure builder with unit tests;
 //! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
+//! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
 #![deny(missing_docs)]
 
@@ -20,9 +21,10 @@ pub mod hypervisor;
 pub mod layout;
 pub mod probe;
 pub mod regs;
+pub mod signals;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
 pub use error::VmError;
-pub use vm::{run, NetConfig, SerialOutput, VmConfig, VmOutcome};
+pub use vm::{run, NetConfig, SerialOutput, TapConfig, VmConfig, VmOutcome};

@@ -28,6 +28,7 @@ use crate::error::VmError;
 use crate::event_loop::{self, EventSources};
 use crate::hypervisor::kvm::KvmVcpu;
 use crate::layout;
+use crate::signals::StopSignals;
 use crate::vcpu::{run_loop, VcpuReport};
 use crate::virtio::VirtioDevices;
 use crate::{acpi, cpuid, regs};
@@ -79,8 +80,39 @@ pub struct VmConfig {
 pub enum NetConfig {
     /// User-mode NAT with port forwards (no privilege needed).
     User(tandem_net::user::UserNetConfig),
-    /// A host TAP interface, by name.
-    Tap(String),
+    /// A host TAP interface.
+    Tap(TapConfig),
+}
+
+/// The TAP backend: an interface, and port forwards to the guest's address on it.
+#[derive(Debug, Clone)]
+pub struct TapConfig {
+    /// The interface (created when missing, which needs CAP_NET_ADMIN).
+    pub name: String,
+    /// The guest's IPv4 address on the interface's network (needed by forwards).
+    pub guest_ip: Option<std::net::Ipv4Addr>,
+    /// Host ports mapped to the guest by nftables DNAT rules.
+    pub forwards: Vec<tandem_net::Forward>,
+}
+
+impl TapConfig {
+    /// What [`tandem_net::portmap::PortMap`] installs, if there are forwards.
+    pub fn port_map(&self) -> Result<Option<tandem_net::portmap::PortMapSpec>, VmError> {
+        if self.forwards.is_empty() {
+            return Ok(None);
+        }
+        let guest = self
+            .guest_ip
+            .ok_or(tandem_net::portmap::PortMapError::NoGuestAddress)?;
+        let spec = tandem_net::portmap::PortMapSpec {
+            interface: self.name.clone(),
+            guest,
+            forwards: self.forwards.clone(),
+        };
+        // The rules are checked here, before anything is started.
+        tandem_net::portmap::ruleset("check", &spec)?;
+        Ok(Some(spec))
+    }
 }
 
 /// How a VM ended.
@@ -103,6 +135,8 @@ pub enum VmOutcome {
     },
     /// The user typed the Ctrl-A x escape.
     UserQuit,
+    /// tandem received SIGTERM, SIGINT or SIGHUP (the number) and stopped the VM.
+    Signal(i32),
 }
 
 /// The KVM device: `/dev/kvm`, or `$TANDEM_KVM_DEVICE` where the host puts it elsewhere.
@@ -194,7 +228,12 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
         // Not opened here: an interface tandem creates would vanish and come back.
-        Some(NetConfig::Tap(name)) => tandem_net::tap::Tap::check_name(name)?,
+        Some(NetConfig::Tap(tap)) => {
+            tandem_net::tap::Tap::check_name(&tap.name)?;
+            if tap.port_map()?.is_some() {
+                tandem_net::portmap::check_nft()?;
+            }
+        }
         None => {}
     }
     Ok(())
@@ -380,6 +419,9 @@ fn stop_vcpus(handles: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
 /// Builds the VM described by `cfg` and runs it until the guest powers off, resets or fails.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     tracing::info!("creating the VM");
+    // First, so that every thread started below has the signals blocked, and last to be
+    // dropped, so that everything else is undone before a second signal can act.
+    let signals = StopSignals::block().map_err(VmError::Device)?;
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
     // Disks are opened (and locked) before anything else, so a bad one fails fast.
@@ -439,8 +481,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         let dev = tandem_virtio::Console::new(serial_sink(out)?);
         virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "console")?;
     }
-    if let Some(NetConfig::Tap(name)) = &cfg.net {
-        let backend = tandem_net::tap::Tap::open(name)?;
+    // Removed (by drop) on every way out of this function, error or not.
+    let mut _port_map = None;
+    if let Some(NetConfig::Tap(tap)) = &cfg.net {
+        let backend = tandem_net::tap::Tap::open(&tap.name)?;
+        if let Some(spec) = tap.port_map()? {
+            _port_map = Some(tandem_net::portmap::PortMap::install(&spec)?);
+        }
         let dev = tandem_virtio::Net::new(Box::new(backend), tandem_net::user::GUEST_MAC.0);
         virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "net0")?;
     }
@@ -502,6 +549,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         poweroff: &poweroff,
         reset: &reset,
         vcpu_done: &vcpu_done,
+        signals: &signals,
         serial: &serial,
         stdin: cfg.stdin,
         escape: cfg.escape,
@@ -524,6 +572,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             None => VmOutcome::Reboot,
         },
         event_loop::LoopEnd::UserQuit => VmOutcome::UserQuit,
+        event_loop::LoopEnd::Signal(sig) => VmOutcome::Signal(sig),
         event_loop::LoopEnd::VcpuDone => {
             let r = reports.lock().ok().and_then(|r| {
                 r.iter()
