@@ -65,7 +65,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", value_parser = parse_forward)]
     forward: Vec<Forward>,
     /// A virtio console (the guest's /dev/hvc0) besides the serial one: none, stdio or
-    /// file:PATH. Output only.
+    /// file:PATH. On stdio it also gets stdin (then --serial must not be stdio).
     #[arg(long, value_name = "DEST", default_value = "none", value_parser = parse_serial)]
     console: SerialOutput,
     /// The virtio entropy device: on or off.
@@ -170,7 +170,14 @@ pub fn main(args: RunArgs) -> ExitCode {
             );
         }
     }
-    let interactive = args.serial == SerialOutput::Stdout;
+    if args.serial == SerialOutput::Stdout && args.console == SerialOutput::Stdout {
+        return fail(
+            "--serial and --console cannot both be stdio: give one of them file:PATH or none",
+            EXIT_USAGE,
+        );
+    }
+    // Whichever console is on stdio gets stdin (and the terminal's raw mode).
+    let interactive = args.serial == SerialOutput::Stdout || args.console == SerialOutput::Stdout;
     let cfg = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,

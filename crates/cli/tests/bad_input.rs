@@ -313,6 +313,10 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
             vec!["--net", "none", "--forward", "2222:22"],
             "--forward needs a network",
         ),
+        (
+            vec!["--console", "stdio"],
+            "--serial and --console cannot both be stdio",
+        ),
     ] {
         let mut a = vec!["run", "--kernel", k];
         a.extend(args);

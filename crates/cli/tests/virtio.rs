@@ -1,6 +1,6 @@
 //! virtio devices seen from real guests: the disk keeps what the guest synced even when tandem is
 //! killed, read-only disks stay unwritten, the entropy device feeds the guest's hwrng, and the
-//! virtio console carries what the guest writes to /dev/hvc0.
+//! virtio console carries what the guest writes to /dev/hvc0 and, on stdio, what the host types.
 
 mod common;
 
@@ -31,6 +31,10 @@ fn session() -> &'static Session {
              echo bytes=$(head -c 64 /dev/hwrng | wc -c)",
         );
         let hvc = exec_cmdline("echo hello-from-hvc-$((6*7)) > /dev/hvc0");
+        let hvc_in = exec_cmdline(
+            "exec 3<>/dev/hvc0; stty -F /dev/hvc0 -echo; echo hvc-open; read -r line <&3; \
+             echo got=$line; echo console-echo=$line >&3",
+        );
         let script = format!(
             r#"
 truncate -s 64M /tmp/disk.img
@@ -47,6 +51,18 @@ run_case rng {BOOT} --cmdline '{rng}'
 run_case no-rng {BOOT} --rng off --cmdline '{rng}'
 run_case hvc {BOOT} --console file:/tmp/hvc.log --cmdline '{hvc}'
 record hvc-out cat /tmp/hvc.log
+mkfifo /tmp/in
+timeout 150 tandem run {BOOT} --serial file:/tmp/hvcin.log --console stdio --cmdline '{hvc_in}' </tmp/in >/tmp/hvcin.out 2>&1 &
+pid=$!
+exec 4>/tmp/in
+i=0
+while [ $i -lt 120 ] && ! grep -q hvc-open /tmp/hvcin.log 2>/dev/null; do sleep 1; i=$((i+1)); done
+echo typed-on-the-host-42 >&4
+wait $pid
+echo "status=$?" >>/tmp/hvcin.out
+exec 4>&-
+record hvc-in-serial cat /tmp/hvcin.log
+record hvc-in-stdout cat /tmp/hvcin.out
 "#
         );
         run_script(&script)
@@ -132,4 +148,22 @@ fn the_virtio_console_carries_guest_output_to_its_file() {
         !c.output.contains("hello-from-hvc-42"),
         "the line belongs to hvc0, not the serial console"
     );
+}
+
+#[test]
+fn the_virtio_console_on_stdio_takes_host_input() {
+    let (cases, all) = session();
+    let serial = case(cases, all, "hvc-in-serial");
+    assert!(
+        serial.output.contains("got=typed-on-the-host-42"),
+        "the guest read the host's line from /dev/hvc0; serial:\n{}",
+        serial.output
+    );
+    let stdout = case(cases, all, "hvc-in-stdout");
+    assert!(
+        stdout.output.contains("console-echo=typed-on-the-host-42"),
+        "the guest's hvc0 output reaches stdout:\n{}",
+        stdout.output
+    );
+    assert!(stdout.output.contains("status=0"), "{}", stdout.output);
 }

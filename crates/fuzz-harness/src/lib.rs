@@ -86,8 +86,10 @@ pub fn platform_pio(data: &[u8]) {
 /// A virtio device's queue as a hostile driver fills it: `data` is a sequence of 16-byte ops
 /// that write descriptors (anywhere, any length, flags and next), offer heads, jump the avail
 /// index, write registers (queue size after activation, status, reset), write request bytes and
-/// notify. The device is virtio-blk over an in-memory disk when `data[0]` is even, virtio-rng
-/// otherwise. Covers virtio-queue's chain walking, the MMIO transport and the blk request parser.
+/// notify. The device is virtio-blk over an in-memory disk when `data[0]` is even, else
+/// virtio-rng or (`data[0] & 3 == 3`) virtio-console with host input waiting on its receive
+/// queue. Covers virtio-queue's chain walking, the MMIO transport, the blk request parser and the
+/// console's receive path.
 pub fn virtio_queue(data: &[u8]) {
     use tandem_virtio::blk::{Block, BlockConfig, CacheMode, MemDisk};
     use tandem_virtio::testing::{Driver, DATA_BASE};
@@ -105,15 +107,27 @@ pub fn virtio_queue(data: &[u8]) {
             Box::new(MemDisk(vec![0; 32 * 512])),
             &cfg,
         ))
-    } else {
+    } else if first & 2 == 0 {
         Box::new(tandem_virtio::Rng::new())
+    } else {
+        // The console's receive queue (0) gets host input through the guest's buffers.
+        let input = tandem_virtio::ConsoleInput::new().expect("eventfd");
+        input.push(&[b'i'; 3000]);
+        Box::new(tandem_virtio::Console::with_input(
+            Box::new(io::sink()),
+            input,
+        ))
     };
+    let console = first & 3 == 3;
     let mut d = Driver::new(device);
     // VERSION_1, plus EVENT_IDX and INDIRECT_DESC when the input says so.
     let features = 1u64 << 32 | u64::from(first & 0x30) << 24;
     d.negotiate(features);
     let size = 1u16 << ((first >> 6).min(3) + 1);
     d.setup_queue(0, size);
+    if console {
+        d.setup_queue(1, size);
+    }
     d.driver_ok();
     while rest.len() >= 16 {
         let (op, next) = rest.split_at(16);

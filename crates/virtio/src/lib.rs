@@ -22,7 +22,7 @@ pub mod rng;
 pub mod testing;
 
 pub use blk::{Block, BlockConfig, CacheMode};
-pub use console::Console;
+pub use console::{Console, ConsoleInput};
 pub use device::{DeviceError, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::Net;

@@ -416,6 +416,22 @@ impl MutDeviceMmio for MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// Lets the device serve its ready host descriptor `fd` (as the I/O thread does).
+    pub fn serve_host_fd(&mut self, fd: RawFd) {
+        if let Err(e) = self.device.host_event(fd) {
+            if self.activated {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// The device's host descriptors.
+    pub fn host_fds(&self) -> Vec<RawFd> {
+        self.device.host_fds()
+    }
+}
+
 impl MutEventSubscriber for MmioTransport {
     fn init(&mut self, ops: &mut EventOps) {
         for (i, fd) in self.notify.iter().enumerate() {
@@ -436,12 +452,7 @@ impl MutEventSubscriber for MmioTransport {
         if data >= HOST_FD_DATA {
             // Served even while the driver is not ready: host fds are level-triggered, and an
             // unserved one would spin the I/O thread.
-            let fd: RawFd = events.fd();
-            if let Err(e) = self.device.host_event(fd) {
-                if self.activated {
-                    self.fail(&e);
-                }
-            }
+            self.serve_host_fd(events.fd());
             return;
         }
         debug_assert!(self

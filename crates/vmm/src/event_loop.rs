@@ -1,4 +1,4 @@
-//! The VMM thread's event loop: host stdin to the serial console, the guest's power events, and
+//! The VMM thread's event loop: host stdin to the serial or virtio console, the guest's power events, and
 //! termination signals.
 
 use std::io;
@@ -31,12 +31,36 @@ pub struct EventSources<'a> {
     pub vcpu_done: &'a EventFdTrigger,
     /// SIGTERM, SIGINT and SIGHUP.
     pub signals: &'a StopSignals,
-    /// The console UART that receives stdin.
-    pub serial: &'a Mutex<SerialDevice>,
+    /// The console that receives stdin (the UART, or the virtio console).
+    pub input: &'a dyn InputSink,
     /// Whether to forward stdin.
     pub stdin: bool,
     /// Whether the Ctrl-A x escape is active.
     pub escape: bool,
+}
+
+/// A console that takes host input.
+pub trait InputSink {
+    /// Takes what fits of `bytes`; returns how many were taken (the rest is offered again).
+    fn enqueue(&self, bytes: &[u8]) -> usize;
+}
+
+impl InputSink for Mutex<SerialDevice> {
+    fn enqueue(&self, bytes: &[u8]) -> usize {
+        let Ok(mut s) = self.lock() else {
+            return 0;
+        };
+        s.enqueue_input(bytes).unwrap_or_else(|e| {
+            tracing::warn!("serial input dropped: {e}");
+            bytes.len()
+        })
+    }
+}
+
+impl InputSink for tandem_virtio::ConsoleInput {
+    fn enqueue(&self, bytes: &[u8]) -> usize {
+        self.push(bytes)
+    }
 }
 
 /// Why the loop ended.
@@ -111,7 +135,7 @@ pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
                 _ => {}
             }
         }
-        flush_pending(&mut stdin, src.serial, &epoll);
+        flush_pending(&mut stdin, src.input, &epoll);
     }
 }
 
@@ -143,18 +167,12 @@ fn read_stdin(stdin: &mut Stdin, escape: bool) -> bool {
     false
 }
 
-fn flush_pending(stdin: &mut Stdin, serial: &Mutex<SerialDevice>, epoll: &Epoll) {
+fn flush_pending(stdin: &mut Stdin, input: &dyn InputSink, epoll: &Epoll) {
     if stdin.pending.is_empty() {
         return;
     }
-    if let Ok(mut s) = serial.lock() {
-        match s.enqueue_input(&stdin.pending) {
-            Ok(n) => {
-                stdin.pending.drain(..n);
-            }
-            Err(e) => tracing::warn!("serial input dropped: {e}"),
-        }
-    }
+    let n = input.enqueue(&stdin.pending);
+    stdin.pending.drain(..n);
     // Back-pressure: stop reading stdin while too much is held back.
     let ev = EpollEvent::new(EventSet::IN, TOK_STDIN);
     if stdin.watching && stdin.pending.len() >= MAX_PENDING {

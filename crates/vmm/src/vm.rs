@@ -59,7 +59,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Serial console destination.
     pub serial: SerialOutput,
-    /// Whether host stdin is forwarded to the serial console.
+    /// Whether host stdin is forwarded to the guest: to the virtio console when its output is
+    /// stdout too, else to the serial console.
     pub stdin: bool,
     /// Whether stdin is a terminal in raw mode (enables the Ctrl-A x escape).
     pub escape: bool,
@@ -477,8 +478,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     for (i, disk) in disks.into_iter().enumerate() {
         virtio.attach(&vm, &mut bus, &mem, Box::new(disk), &format!("disk{i}"))?;
     }
+    let mut console_input = None;
     if let Some(out) = &cfg.console {
-        let dev = tandem_virtio::Console::new(serial_sink(out)?);
+        let dev = if *out == SerialOutput::Stdout && cfg.stdin {
+            let input = tandem_virtio::ConsoleInput::new().map_err(VmError::Device)?;
+            console_input = Some(input.clone());
+            tandem_virtio::Console::with_input(serial_sink(out)?, input)
+        } else {
+            tandem_virtio::Console::new(serial_sink(out)?)
+        };
         virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "console")?;
     }
     // Removed (by drop) on every way out of this function, error or not.
@@ -550,7 +558,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         reset: &reset,
         vcpu_done: &vcpu_done,
         signals: &signals,
-        serial: &serial,
+        input: match &console_input {
+            Some(c) => c,
+            None => serial.as_ref(),
+        },
         stdin: cfg.stdin,
         escape: cfg.escape,
     })?;
