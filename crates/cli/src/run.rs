@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// file:PATH. On stdio it also gets stdin (then --serial must not be stdio).
     #[arg(long, value_name = "DEST", default_value = "none", value_parser = parse_serial)]
     console: SerialOutput,
+    /// An inter-VM channel (repeatable): shared memory that the guest sees as an ivshmem PCI
+    /// device: path=FILE,size=SIZE[,id=N]. FILE (e.g. under /dev/shm) is created when missing;
+    /// VMs given the same FILE share its memory. id is this VM's peer ID on it.
+    #[arg(long, value_name = "SPEC", value_parser = parse_channel)]
+    channel: Vec<tandem_vmm::ChannelConfig>,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
@@ -104,6 +109,10 @@ fn parse_net(s: &str) -> Result<NetChoice, String> {
 fn parse_forward(s: &str) -> Result<Forward, String> {
     s.parse()
         .map_err(|e: tandem_net::ForwardError| e.to_string())
+}
+
+fn parse_channel(s: &str) -> Result<tandem_vmm::ChannelConfig, String> {
+    spec::parse_channel(s).map_err(|e| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -200,6 +209,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             })
             .collect(),
         rng: args.rng,
+        channels: args.channel,
         console: match args.console {
             SerialOutput::None => None,
             other => Some(other),

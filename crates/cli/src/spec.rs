@@ -115,6 +115,39 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, SpecError> {
     Ok(cfg)
 }
 
+/// Parses `--channel path=FILE,size=SIZE[,id=N]`.
+pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError> {
+    const KEYS: &[&str] = &["path", "size", "id"];
+    let (mut path, mut size, mut id) = (None, None, 0u16);
+    for (k, v) in pairs(spec, KEYS)? {
+        match k.as_str() {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "size" => {
+                size = Some(
+                    crate::size::parse_size(&v).map_err(|_| SpecError::BadValue {
+                        key: k,
+                        value: v,
+                        expected: "a size such as 64K, 1M or 2G",
+                    })?,
+                )
+            }
+            "id" => {
+                id = v.parse().map_err(|_| SpecError::BadValue {
+                    key: k,
+                    value: v,
+                    expected: "a peer ID from 0 to 65535",
+                })?
+            }
+            _ => return Err(SpecError::Missing("path")),
+        }
+    }
+    Ok(tandem_vmm::ChannelConfig {
+        path: path.ok_or(SpecError::Missing("path"))?,
+        size: size.ok_or(SpecError::Missing("size"))?,
+        peer_id: id,
+    })
+}
+
 /// Parses `--net tap=NAME[,guest-ip=ADDR]` into the interface name and the guest's address.
 pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), SpecError> {
     const KEYS: &[&str] = &["tap", "guest-ip"];
@@ -200,6 +233,25 @@ mod tests {
         assert!(matches!(
             parse_tap("tap=t1,mac=x"),
             Err(SpecError::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
+    fn channel_specs() {
+        let c = parse_channel("path=/dev/shm/c,size=1M,id=2").unwrap();
+        assert_eq!(c.path, PathBuf::from("/dev/shm/c"));
+        assert_eq!(c.size, 1 << 20);
+        assert_eq!(c.peer_id, 2);
+        assert_eq!(parse_channel("path=/x,size=64K").unwrap().peer_id, 0);
+        assert_eq!(parse_channel("path=/x"), Err(SpecError::Missing("size")));
+        assert_eq!(parse_channel("size=1M"), Err(SpecError::Missing("path")));
+        assert!(matches!(
+            parse_channel("path=/x,size=lots"),
+            Err(SpecError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_channel("path=/x,size=1M,id=70000"),
+            Err(SpecError::BadValue { .. })
         ));
     }
 }

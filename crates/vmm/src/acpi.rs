@@ -16,7 +16,9 @@ use acpi_tables::{aml, Aml};
 use tandem_devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, S5_SLEEP_TYPE};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 
-use crate::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
+use crate::layout::{
+    ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_END, PCI_MMIO_START, RESET_VECTOR,
+};
 
 const OEM_ID: [u8; 6] = *b"TANDEM";
 const OEM_TABLE_ID: [u8; 8] = *b"TANDEMVM";
@@ -114,7 +116,33 @@ fn virtio_mmio(index: usize, dev: &VirtioSlot) -> Vec<u8> {
     ))
 }
 
-fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
+/// The PCI root bridge (`PNP0A03`): bus 0, configuration mechanism #1 at 0xcf8, and the window
+/// where tandem places BARs. Linux keeps BAR placements that lie inside the window.
+fn pci_root() -> Vec<u8> {
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &config, &window]);
+    let hid = aml::EISAName::new("PNP0A03");
+    let names = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+    ];
+    let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    to_bytes(&aml::Device::new("_SB_.PCI0".into(), children))
+}
+
+fn dsdt(virtio: &[VirtioSlot], pci: bool) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
         "_S5_".into(),
@@ -124,6 +152,9 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     body.extend_from_slice(&com1());
     for (i, dev) in virtio.iter().enumerate() {
         body.extend_from_slice(&virtio_mmio(i, dev));
+    }
+    if pci {
+        body.extend_from_slice(&pci_root());
     }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
@@ -188,9 +219,9 @@ pub struct VirtioSlot {
     pub gsi: u32,
 }
 
-/// Builds the tables for `cpus` vCPUs and the given virtio devices, to be placed at
-/// [`ACPI_START`].
-pub fn build(cpus: usize, virtio: &[VirtioSlot]) -> Result<AcpiTables, AcpiError> {
+/// Builds the tables for `cpus` vCPUs, the given virtio devices and, when `pci`, the PCI root
+/// bridge, to be placed at [`ACPI_START`].
+pub fn build(cpus: usize, virtio: &[VirtioSlot], pci: bool) -> Result<AcpiTables, AcpiError> {
     if cpus == 0 || cpus > 254 {
         return Err(AcpiError::TooManyCpus(cpus));
     }
@@ -205,7 +236,7 @@ pub fn build(cpus: usize, virtio: &[VirtioSlot]) -> Result<AcpiTables, AcpiError
         offsets.push((sig, off));
         base + off as u64
     };
-    let dsdt_addr = push(&mut blob, *b"DSDT", dsdt(virtio));
+    let dsdt_addr = push(&mut blob, *b"DSDT", dsdt(virtio, pci));
     let fadt_addr = push(&mut blob, *b"FACP", fadt(dsdt_addr));
     let madt_addr = push(&mut blob, *b"APIC", madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -242,7 +273,7 @@ mod tests {
 
     #[test]
     fn rsdp_leads_to_every_table_and_all_checksums_hold() {
-        let t = build(4, &[]).unwrap();
+        let t = build(4, &[], false).unwrap();
         let rsdp = &t.blob[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
@@ -275,7 +306,7 @@ mod tests {
     #[test]
     fn madt_lists_one_enabled_local_apic_per_cpu() {
         for cpus in [1usize, 2, 4, 64] {
-            let t = build(cpus, &[]).unwrap();
+            let t = build(cpus, &[], false).unwrap();
             let madt = t.table(b"APIC").unwrap();
             assert_eq!(u32_at(madt, 36), LAPIC_ADDR as u32);
             assert_eq!(u32_at(madt, 40), MADT_PCAT_COMPAT);
@@ -302,7 +333,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_with_the_pm_port_and_the_dsdt() {
-        let t = build(1, &[]).unwrap();
+        let t = build(1, &[], false).unwrap();
         let fadt = t.table(b"FACP").unwrap();
         let flags = u32_at(fadt, 112);
         assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
@@ -336,7 +367,7 @@ mod tests {
                 gsi: 6,
             },
         ];
-        let t = build(1, &slots).unwrap();
+        let t = build(1, &slots, false).unwrap();
         let dsdt = t.table(b"DSDT").unwrap();
         assert!(sums_to_zero(dsdt));
         let hids = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
@@ -354,9 +385,37 @@ mod tests {
     }
 
     #[test]
+    fn the_pci_root_announces_its_bus_config_ports_and_bar_window() {
+        assert!(!build(1, &[], false)
+            .unwrap()
+            .table(b"DSDT")
+            .unwrap()
+            .windows(4)
+            .any(|w| w == b"PCI0"));
+        let t = build(1, &[], true).unwrap();
+        let dsdt = t.table(b"DSDT").unwrap();
+        assert!(sums_to_zero(dsdt));
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+        // EISA id PNP0A03, compressed: 0x41d0 0x0a03.
+        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]));
+        // IO descriptor: 0xcf8-0xcf8, alignment 1, length 8.
+        assert!(dsdt
+            .windows(8)
+            .any(|w| w == [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        // DWordMemory: granularity 0, then the window's first and last addresses.
+        let mut window = vec![0u8; 4];
+        window.extend_from_slice(&(PCI_MMIO_START as u32).to_le_bytes());
+        window.extend_from_slice(&((PCI_MMIO_END - 1) as u32).to_le_bytes());
+        assert!(dsdt.windows(window.len()).any(|w| w == window));
+    }
+
+    #[test]
     fn cpu_count_is_bounded() {
-        assert_eq!(build(0, &[]).unwrap_err(), AcpiError::TooManyCpus(0));
-        assert_eq!(build(255, &[]).unwrap_err(), AcpiError::TooManyCpus(255));
-        assert!(build(254, &[]).is_ok());
+        assert_eq!(build(0, &[], false).unwrap_err(), AcpiError::TooManyCpus(0));
+        assert_eq!(
+            build(255, &[], false).unwrap_err(),
+            AcpiError::TooManyCpus(255)
+        );
+        assert!(build(254, &[], false).is_ok());
     }
 }

@@ -84,6 +84,9 @@ pub enum VmError {
     /// The TAP interface could not be opened.
     #[error(transparent)]
     Tap(#[from] tandem_net::tap::TapError),
+    /// An inter-VM channel could not be attached.
+    #[error(transparent)]
+    Channel(#[from] crate::pci::ChannelError),
     /// Port forwards over TAP could not be installed.
     #[error(transparent)]
     PortMap(#[from] tandem_net::portmap::PortMapError),
@@ -115,7 +118,8 @@ impl VmError {
             | VmError::Disk(_)
             | VmError::Net(_)
             | VmError::Tap(_)
-            | VmError::PortMap(_) => true,
+            | VmError::PortMap(_)
+            | VmError::Channel(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -6,7 +6,8 @@
 //! 0x0009_fc00  EBDA (not RAM to the guest)
 //! 0x000e_0000  ACPI tables (RSDP first), reserved; reset stub at the reset vector 0xffff0
 //! 0x0010_0000  RAM: kernel, initramfs (as high as it fits below the MMIO hole), rest
-//! 0xc000_0000  MMIO hole (1 GiB): IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, later PCI BARs
+//! 0xc000_0000  MMIO hole (1 GiB): virtio-mmio 0xd000_0000, PCI BARs 0xe000_0000-0xfebf_ffff,
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than 3 GiB
 //! ```
 
@@ -47,6 +48,10 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Most virtio devices: one IOAPIC pin each, from [`VIRTIO_IRQ_BASE`] to pin 23.
 pub const VIRTIO_MAX_DEVICES: usize = 24 - VIRTIO_IRQ_BASE as usize;
+/// Start of the window where tandem places PCI BARs (announced in the PCI root's `_CRS`).
+pub const PCI_MMIO_START: u64 = 0xe000_0000;
+/// End (exclusive) of the PCI BAR window.
+pub const PCI_MMIO_END: u64 = 0xfec0_0000;
 /// The IOAPIC's registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// The local APICs' registers.
@@ -63,6 +68,11 @@ const _: () = assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_E
 const _: () = assert!(
     VIRTIO_MMIO_BASE >= MMIO_HOLE_START
         && VIRTIO_MMIO_BASE + VIRTIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE <= IOAPIC_ADDR
+);
+
+const _: () = assert!(
+    VIRTIO_MMIO_BASE + VIRTIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE <= PCI_MMIO_START
+        && PCI_MMIO_END <= IOAPIC_ADDR
 );
 
 /// Where virtio device `index` sits: its MMIO window and its GSI.

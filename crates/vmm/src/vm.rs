@@ -28,6 +28,7 @@ use crate::error::VmError;
 use crate::event_loop::{self, EventSources};
 use crate::hypervisor::kvm::KvmVcpu;
 use crate::layout;
+use crate::pci::PciDevices;
 use crate::signals::StopSignals;
 use crate::vcpu::{run_loop, VcpuReport};
 use crate::virtio::VirtioDevices;
@@ -74,6 +75,8 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     /// Where the virtio console's output goes (`None`: no virtio console).
     pub console: Option<SerialOutput>,
+    /// Inter-VM channels (ivshmem devices on a PCI bus, which exists only when there are some).
+    pub channels: Vec<crate::pci::ChannelConfig>,
 }
 
 /// A guest network interface.
@@ -225,6 +228,9 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
     for d in &cfg.disks {
         tandem_virtio::blk::FileDisk::open(&d.path, d.readonly)?;
     }
+    for c in &cfg.channels {
+        c.open()?;
+    }
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
@@ -279,7 +285,7 @@ fn load_boot_images(
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
-    let tables = acpi::build(cfg.vcpus.into(), virtio)?;
+    let tables = acpi::build(cfg.vcpus.into(), virtio, !cfg.channels.is_empty())?;
     mem.write_slice(&tables.blob, GuestAddress(tables.base))
         .map_err(boot::BootError::from)?;
     let e820 = layout::e820_map(cfg.memory);
@@ -517,6 +523,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             "rng",
         )?;
     }
+    let mut keep_mapped = Vec::new();
+    if !cfg.channels.is_empty() {
+        let mut pci = PciDevices::new(mem.num_regions() as u32);
+        for c in &cfg.channels {
+            pci.attach_channel(&vm, &mut bus, c)?;
+        }
+        keep_mapped = pci.finish(&mut bus)?;
+    }
     let entry = load_boot_images(cfg, &mem, virtio.slots())?;
     let io_thread = virtio.start()?;
     let bus = Arc::new(bus);
@@ -536,7 +550,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
         // the guest, so each thread keeps the mapping alive.
-        let guest_memory = mem.clone();
+        let guest_memory = (mem.clone(), keep_mapped.clone());
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {

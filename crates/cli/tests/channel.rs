@@ -1,0 +1,81 @@
+//! Inter-VM channels (`--channel`): two guests running at once share memory through an ivshmem
+//! PCI device, found and used with stock means only (sysfs and /dev/mem).
+
+mod common;
+
+use common::{case, exec_cmdline, run_script};
+
+/// Shell for the guest: finds the ivshmem function (1af4:1110), sets `$regs` (BAR0) and `$shm`
+/// (BAR2) from its sysfs resource file, and prints what it found.
+const FIND: &str = "for d in /sys/bus/pci/devices/*; do \
+     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
+     set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; \
+     echo dev=${dev##*/} class=$(cat $dev/class) size=$(( $2 - $1 + 1 )) ivpos=$(devmem $((regs + 8)) 32); ";
+
+#[test]
+fn two_running_guests_share_a_channel() {
+    // A writes a ping, waits for B's reply; B waits for the ping, replies. Both run at once.
+    let a = exec_cmdline(&format!(
+        "{FIND} devmem $shm 32 0x7a4d3e11; i=0; \
+         while [ $(devmem $((shm + 4)) 32) != 0x22C0FFEE ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+         echo a-got=$(devmem $((shm + 4)) 32)"
+    ));
+    let b = exec_cmdline(&format!(
+        "{FIND} i=0; \
+         while [ $(devmem $shm 32) != 0x7A4D3E11 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+         echo b-got=$(devmem $shm 32); devmem $((shm + 4)) 32 0x22c0ffee"
+    ));
+    let script = format!(
+        r#"
+BOOT="--kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --serial stdio"
+timeout 150 tandem run $BOOT --channel path=/tmp/chan,size=1M,id=0 --cmdline '{a}' </dev/null >/tmp/a.log 2>&1 &
+pa=$!
+timeout 150 tandem run $BOOT --channel path=/tmp/chan,size=1M,id=1 --cmdline '{b}' </dev/null >/tmp/b.log 2>&1 &
+pb=$!
+wait $pa
+echo "status=$?" >>/tmp/a.log
+wait $pb
+echo "status=$?" >>/tmp/b.log
+record a cat /tmp/a.log
+record b cat /tmp/b.log
+record file sh -c 'ls -l /tmp/chan; od -A x -t x4 -N 8 /tmp/chan'
+record mismatch timeout 60 tandem run $BOOT --channel path=/tmp/chan,size=2M
+"#
+    );
+    let (cases, all) = run_script(&script);
+    let a = case(&cases, &all, "a");
+    let b = case(&cases, &all, "b");
+    for (c, id) in [(a, 0), (b, 1)] {
+        assert!(
+            c.output
+                .contains(&format!("class=0x050000 size=1048576 ivpos=0x{id:08X}")),
+            "the guest finds the ivshmem device, its 1 MiB BAR2 and its peer ID:\n{}",
+            c.output
+        );
+        assert!(c.output.contains("status=0"), "{}", c.output);
+    }
+    assert!(
+        a.output.contains("a-got=0x22C0FFEE"),
+        "A sees B's reply:\n{}",
+        a.output
+    );
+    assert!(
+        b.output.contains("b-got=0x7A4D3E11"),
+        "B sees A's ping:\n{}",
+        b.output
+    );
+    let file = case(&cases, &all, "file");
+    assert!(
+        file.output.contains("7a4d3e11 22c0ffee"),
+        "the host's file holds what the guests wrote:\n{}",
+        file.output
+    );
+    let m = case(&cases, &all, "mismatch");
+    assert_eq!(m.rc, 2, "{}", m.output);
+    assert!(
+        m.output
+            .contains("the file holds 1048576 bytes, not 2097152"),
+        "{}",
+        m.output
+    );
+}

@@ -1,0 +1,227 @@
+//! The VM's PCI bus: the root on configuration mechanism #1, BAR placement in the PCI window,
+//! and the devices on it. For now those are inter-VM channels (ivshmem): BAR0 registers on the
+//! MMIO bus, BAR2 a KVM memory slot over the shared object, so data needs no exit at all.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use tandem_pci::ivshmem::REGS_SIZE;
+use tandem_pci::root::{CONFIG_PORT, CONFIG_PORTS};
+use tandem_pci::{Ivshmem, PciRoot};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+use crate::bus::DeviceBus;
+use crate::error::VmError;
+use crate::layout::{PCI_MMIO_END, PCI_MMIO_START};
+
+/// Smallest channel: one page.
+pub const MIN_CHANNEL_SIZE: u64 = 4096;
+
+/// An inter-VM channel: shared memory that appears in the guest as an ivshmem PCI device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelConfig {
+    /// The shared object (a file, typically under /dev/shm); created with `size` bytes when it
+    /// does not exist.
+    pub path: PathBuf,
+    /// Bytes (a power of two, at least 4 KiB).
+    pub size: u64,
+    /// This VM's peer ID on the channel (the guest reads it from IVPosition).
+    pub peer_id: u16,
+}
+
+/// Why a channel could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The size is not a power of two of at least 4 KiB.
+    #[error("channel {}: size {size} is not a power of two of at least 4 KiB", .path.display())]
+    Size {
+        /// The object.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The file exists with another size.
+    #[error("channel {}: the file holds {actual} bytes, not {size}", .path.display())]
+    Mismatch {
+        /// The object.
+        path: PathBuf,
+        /// The size asked for.
+        size: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// The file could not be opened, created or mapped.
+    #[error("channel {}: {source}", .path.display())]
+    Open {
+        /// The object.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The channels do not fit the PCI window.
+    #[error("the channels need more than the {} MiB of PCI address space", (PCI_MMIO_END - PCI_MMIO_START) >> 20)]
+    NoSpace,
+}
+
+impl ChannelConfig {
+    /// Opens (creating it when missing) the shared object, checking its size.
+    pub fn open(&self) -> Result<File, ChannelError> {
+        if !self.size.is_power_of_two() || self.size < MIN_CHANNEL_SIZE {
+            return Err(ChannelError::Size {
+                path: self.path.clone(),
+                size: self.size,
+            });
+        }
+        let open_err = |source| ChannelError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(open_err)?;
+        let actual = file.metadata().map_err(open_err)?.len();
+        if actual == 0 {
+            file.set_len(self.size).map_err(open_err)?;
+        } else if actual != self.size {
+            return Err(ChannelError::Mismatch {
+                path: self.path.clone(),
+                size: self.size,
+                actual,
+            });
+        }
+        Ok(file)
+    }
+}
+
+/// The PCI bus while the VM is built.
+pub struct PciDevices {
+    root: PciRoot,
+    next_addr: u64,
+    next_slot: u32,
+    /// Shared mappings that must outlive every vCPU.
+    mappings: Vec<Arc<MmapRegion>>,
+}
+
+impl PciDevices {
+    /// An empty bus; channel memory takes KVM memory slots from `first_free_slot` on.
+    pub fn new(first_free_slot: u32) -> Self {
+        PciDevices {
+            root: PciRoot::new(),
+            next_addr: PCI_MMIO_START,
+            next_slot: first_free_slot,
+            mappings: Vec::new(),
+        }
+    }
+
+    /// A naturally aligned range of `size` bytes in the PCI window.
+    fn place(&mut self, size: u64) -> Result<u64, ChannelError> {
+        let addr = self.next_addr.next_multiple_of(size);
+        if addr + size > PCI_MMIO_END {
+            return Err(ChannelError::NoSpace);
+        }
+        self.next_addr = addr + size;
+        Ok(addr)
+    }
+
+    /// Adds an ivshmem device for `channel`.
+    pub fn attach_channel(
+        &mut self,
+        vm: &VmFd,
+        bus: &mut DeviceBus,
+        channel: &ChannelConfig,
+    ) -> Result<(), VmError> {
+        let file = channel.open()?;
+        let shm = self.place(channel.size)?;
+        let regs = self.place(REGS_SIZE.max(4096))?;
+        let open_err = |e: vm_memory::mmap::MmapRegionError| ChannelError::Open {
+            path: channel.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let region = Arc::new(
+            MmapRegion::from_file(FileOffset::new(file, 0), channel.size as usize)
+                .map_err(open_err)?,
+        );
+        let desc = kvm_userspace_memory_region {
+            slot: self.next_slot,
+            guest_phys_addr: shm,
+            memory_size: channel.size,
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live shared mapping of `channel.size` bytes; it is kept in
+        // `mappings`, which the VM hands to every vCPU thread, so it outlives guest access.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        self.next_slot += 1;
+        self.mappings.push(region);
+        let dev = Ivshmem::new(channel.peer_id, regs, shm, channel.size)
+            .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        let dev = Arc::new(Mutex::new(dev));
+        bus.add_mmio_shared(regs, REGS_SIZE, dev.clone())?;
+        let slot = self
+            .root
+            .plug(dev)
+            .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        tracing::info!(
+            "channel {} ({} KiB, peer {}): PCI 00:{slot:02x}.0, registers {regs:#x}, memory {shm:#x}",
+            channel.path.display(),
+            channel.size >> 10,
+            channel.peer_id
+        );
+        Ok(())
+    }
+
+    /// Puts the root's configuration ports on `bus`; returns the mappings to keep alive.
+    pub fn finish(self, bus: &mut DeviceBus) -> Result<Vec<Arc<MmapRegion>>, VmError> {
+        bus.add_pio(CONFIG_PORT, CONFIG_PORTS, self.root)?;
+        Ok(self.mappings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("tandem-chan-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn a_missing_channel_file_is_created_with_its_size_and_a_mismatch_is_refused() {
+        let path = scratch("a");
+        let c = ChannelConfig {
+            path: path.clone(),
+            size: 1 << 16,
+            peer_id: 0,
+        };
+        c.open().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 16);
+        c.open().unwrap();
+        let other = ChannelConfig {
+            size: 1 << 17,
+            ..c.clone()
+        };
+        assert!(matches!(other.open(), Err(ChannelError::Mismatch { .. })));
+        let odd = ChannelConfig { size: 5000, ..c };
+        assert!(matches!(odd.open(), Err(ChannelError::Size { .. })));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn bars_are_naturally_aligned_and_bounded_by_the_window() {
+        let mut p = PciDevices::new(2);
+        assert_eq!(p.place(4096).unwrap(), PCI_MMIO_START);
+        assert_eq!(p.place(1 << 20).unwrap(), PCI_MMIO_START + (1 << 20));
+        assert!(matches!(p.place(1 << 30), Err(ChannelError::NoSpace)));
+    }
+}
