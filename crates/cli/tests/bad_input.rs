@@ -345,3 +345,30 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
         &format!("--forward tcp:127.0.0.1:{port}:22: cannot listen on 127.0.0.1:{port}: the port is already in use"),
     );
 }
+
+#[test]
+fn malformed_and_impossible_channels() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let odd = std::env::temp_dir().join(format!("tandem-chan-odd-{}", std::process::id()));
+    std::fs::write(&odd, vec![0u8; 8192]).unwrap();
+    let odd_spec = format!("path={},size=4K", odd.display());
+    for (spec, expect) in [
+        ("path=/tmp/c", "'size=' is required"),
+        ("size=1M", "'path=' is required"),
+        ("path=/tmp/c,size=1M,peer=2", "unknown key 'peer'"),
+        ("path=/tmp/c,size=lots", "size=lots: expected a size"),
+        (
+            "path=/tmp/tandem-chan-3k,size=3K",
+            "size 3072 is not a power of two of at least 4 KiB",
+        ),
+        (
+            "path=/nonexistent/dir/c,size=1M",
+            "channel /nonexistent/dir/c: No such file or directory",
+        ),
+        (odd_spec.as_str(), "the file holds 8192 bytes, not 4096"),
+    ] {
+        assert_one_clear_line(&["run", "--kernel", k, "--channel", spec], &[], expect);
+    }
+    let _ = std::fs::remove_file(odd);
+}
