@@ -565,7 +565,7 @@ impl Block {
             }
         }
         if a.queue.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(0);
         }
         Ok(())
     }

@@ -123,7 +123,7 @@ impl Console {
             used = true;
         }
         if used && a.rx.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(RX);
         }
         Ok(())
     }
@@ -151,7 +151,7 @@ impl Console {
             used = true;
         }
         if used && a.tx.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(TX);
         }
         Ok(())
     }

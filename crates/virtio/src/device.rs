@@ -43,39 +43,78 @@ impl DeviceError {
     }
 }
 
-/// The device's interrupt line: the InterruptStatus register it shares with the transport, and
-/// the irqfd that raises the guest interrupt.
-#[derive(Clone)]
-pub struct Interrupt {
-    status: Arc<AtomicU32>,
-    irqfd: Arc<EventFd>,
+/// Why a device interrupts the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Queue `n` has new used buffers.
+    Queue(usize),
+    /// The configuration or the device status changed.
+    Config,
 }
 
-impl Interrupt {
-    /// An interrupt line that raises `irqfd`.
-    pub fn new(irqfd: EventFd) -> Self {
-        Self {
-            status: Arc::default(),
-            irqfd: Arc::new(irqfd),
-        }
-    }
+/// Where a transport delivers a device's interrupts: one irqfd (virtio-mmio), or an MSI-X
+/// vector per queue (virtio-pci).
+pub trait InterruptLine: Send + Sync {
+    /// Raises the interrupt for `cause`.
+    fn raise(&self, cause: Cause);
+}
 
-    /// Marks `bits` pending in InterruptStatus and raises the interrupt.
-    pub fn trigger(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::AcqRel);
-        if let Err(e) = self.irqfd.write(1) {
+/// One irqfd for every cause: the guest learns the cause from InterruptStatus.
+pub struct IrqfdLine(pub EventFd);
+
+impl InterruptLine for IrqfdLine {
+    fn raise(&self, _cause: Cause) {
+        if let Err(e) = self.0.write(1) {
             tracing::warn!("virtio interrupt lost: {e}");
         }
     }
+}
 
-    /// Signals that a queue has new used buffers.
-    pub fn signal_used_queue(&self) {
-        self.trigger(INT_VRING);
+/// The device's interrupt line: the InterruptStatus register it shares with the transport, and
+/// where the interrupt goes.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    line: Arc<dyn InterruptLine>,
+}
+
+impl Interrupt {
+    /// An interrupt line that raises `irqfd` for every cause.
+    pub fn new(irqfd: EventFd) -> Self {
+        Self::with_line(Arc::new(IrqfdLine(irqfd)))
+    }
+
+    /// An interrupt line that delivers through `line`.
+    pub fn with_line(line: Arc<dyn InterruptLine>) -> Self {
+        Self {
+            status: Arc::default(),
+            line,
+        }
+    }
+
+    /// Marks `cause` pending in InterruptStatus and raises the interrupt.
+    pub fn raise(&self, cause: Cause) {
+        let bit = match cause {
+            Cause::Queue(_) => INT_VRING,
+            Cause::Config => INT_CONFIG,
+        };
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.line.raise(cause);
+    }
+
+    /// Signals that queue `queue` has new used buffers.
+    pub fn signal_used_queue(&self, queue: usize) {
+        self.raise(Cause::Queue(queue));
     }
 
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
+    }
+
+    /// Reads InterruptStatus and clears it (virtio-pci's ISR register).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::AcqRel)
     }
 
     /// The driver acknowledged `bits`.
@@ -86,11 +125,6 @@ impl Interrupt {
     /// Clears every pending bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
-    }
-
-    /// The irqfd, for registering with KVM.
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
     }
 }
 

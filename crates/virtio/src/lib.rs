@@ -15,6 +15,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod core;
 pub mod device;
 pub mod mmio;
 pub mod net;

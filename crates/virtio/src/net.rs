@@ -100,7 +100,7 @@ impl Net {
             self.backend.flush();
         }
         if used && a.tx.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(TX);
         }
         Ok(())
     }
@@ -152,7 +152,7 @@ impl Net {
             used = true;
         }
         if used && a.rx.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(RX);
         }
         Ok(())
     }

@@ -47,7 +47,7 @@ impl Rng {
             used = true;
         }
         if used && a.queue.needs_notification(&a.mem).map_err(bad)? {
-            a.interrupt.signal_used_queue();
+            a.interrupt.signal_used_queue(0);
         }
         Ok(())
     }
