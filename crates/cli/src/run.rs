@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// VMs given the same FILE share its memory. id is this VM's peer ID on it.
     #[arg(long, value_name = "SPEC", value_parser = parse_channel)]
     channel: Vec<tandem_vmm::ChannelConfig>,
+    /// How virtio devices reach the guest: mmio (virtio-mmio, announced in ACPI) or pci
+    /// (virtio-pci with MSI-X: interrupts cost the guest no exit).
+    #[arg(long, value_name = "mmio|pci", default_value = "mmio", value_parser = parse_transport)]
+    virtio_transport: tandem_vmm::VirtioTransport,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
@@ -113,6 +117,14 @@ fn parse_forward(s: &str) -> Result<Forward, String> {
 
 fn parse_channel(s: &str) -> Result<tandem_vmm::ChannelConfig, String> {
     spec::parse_channel(s).map_err(|e| e.to_string())
+}
+
+fn parse_transport(s: &str) -> Result<tandem_vmm::VirtioTransport, String> {
+    match s {
+        "mmio" => Ok(tandem_vmm::VirtioTransport::Mmio),
+        "pci" => Ok(tandem_vmm::VirtioTransport::Pci),
+        _ => Err(format!("'{s}' is not mmio or pci")),
+    }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -210,6 +222,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             .collect(),
         rng: args.rng,
         channels: args.channel,
+        virtio_transport: args.virtio_transport,
         console: match args.console {
             SerialOutput::None => None,
             other => Some(other),

@@ -3,6 +3,7 @@
 //! - [`config`]: one function's configuration space, with BAR sizing and capabilities, every
 //!   guest write filtered through a write mask;
 //! - [`ivshmem`]: inter-VM shared memory, compatible with QEMU's ivshmem;
+//! - [`msix`]: MSI-X capability, table and pending bits, delivered through irqfds;
 //! - [`root`]: bus 0 behind a host bridge, on configuration mechanism #1 (ports 0xcf8-0xcff).
 //!
 //! BARs are placed by tandem before boot (Linux keeps placements that lie inside the host
@@ -11,6 +12,7 @@
 
 pub mod config;
 pub mod ivshmem;
+pub mod msix;
 pub mod root;
 
 pub use config::{Bar, BarKind, PciConfig, PciId};

@@ -19,6 +19,7 @@ pub mod core;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
 pub mod testing;
 
@@ -27,6 +28,7 @@ pub use console::{Console, ConsoleInput};
 pub use device::{DeviceError, Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::Net;
+pub use pci::VirtioPci;
 pub use rng::Rng;
 
 /// Guest memory as every tandem device sees it.

@@ -6,6 +6,7 @@
 //! - [`layout`], [`boot`], [`acpi`], [`cpuid`], [`regs`]: what the guest finds at boot, each a
 //!   pure builder with unit tests;
 //! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
+//! - [`irq`]: the GSI routing table with the MSI routes of MSI-X vectors;
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod event_loop;
 pub mod exit;
 pub mod hypervisor;
+pub mod irq;
 pub mod layout;
 pub mod pci;
 pub mod probe;
@@ -30,4 +32,4 @@ pub mod vm;
 
 pub use error::VmError;
 pub use pci::ChannelConfig;
-pub use vm::{run, NetConfig, SerialOutput, TapConfig, VmConfig, VmOutcome};
+pub use vm::{run, NetConfig, SerialOutput, TapConfig, VirtioTransport, VmConfig, VmOutcome};

@@ -1,6 +1,7 @@
 //! The VM's PCI bus: the root on configuration mechanism #1, BAR placement in the PCI window,
-//! and the devices on it. For now those are inter-VM channels (ivshmem): BAR0 registers on the
-//! MMIO bus, BAR2 a KVM memory slot over the shared object, so data needs no exit at all.
+//! and the devices on it: virtio devices on the virtio-pci transport (MSI-X vectors as irqfds,
+//! doorbells as ioeventfds) and inter-VM channels (ivshmem: BAR0 registers on the MMIO bus,
+//! BAR2 a KVM memory slot over the shared object, so data needs no exit at all).
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -14,8 +15,15 @@ use tandem_pci::{Ivshmem, PciRoot};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use tandem_pci::msix::{MsiRouter, Vector};
+use tandem_virtio::pci as virtio_pci;
+use tandem_virtio::{Mem, VirtioDevice, VirtioPci};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use crate::bus::DeviceBus;
 use crate::error::VmError;
+use crate::irq::GsiRoutes;
 use crate::layout::{PCI_MMIO_END, PCI_MMIO_START};
 
 /// Smallest channel: one page.
@@ -101,34 +109,96 @@ impl ChannelConfig {
     }
 }
 
+/// Hands out naturally aligned ranges of the PCI window for BARs.
+#[derive(Debug)]
+struct BarWindow {
+    next: u64,
+}
+
+impl Default for BarWindow {
+    fn default() -> Self {
+        BarWindow {
+            next: PCI_MMIO_START,
+        }
+    }
+}
+
+impl BarWindow {
+    /// A naturally aligned range of `size` bytes.
+    fn place(&mut self, size: u64) -> Result<u64, ChannelError> {
+        let addr = self.next.next_multiple_of(size);
+        if addr + size > PCI_MMIO_END {
+            return Err(ChannelError::NoSpace);
+        }
+        self.next = addr + size;
+        Ok(addr)
+    }
+}
+
 /// The PCI bus while the VM is built.
 pub struct PciDevices {
     root: PciRoot,
-    next_addr: u64,
+    window: BarWindow,
     next_slot: u32,
+    routes: Arc<GsiRoutes>,
     /// Shared mappings that must outlive every vCPU.
     mappings: Vec<Arc<MmapRegion>>,
 }
 
 impl PciDevices {
-    /// An empty bus; channel memory takes KVM memory slots from `first_free_slot` on.
-    pub fn new(first_free_slot: u32) -> Self {
+    /// An empty bus; channel memory takes KVM memory slots from `first_free_slot` on, and MSI-X
+    /// vectors take GSIs from `routes`.
+    pub fn new(first_free_slot: u32, routes: Arc<GsiRoutes>) -> Self {
         PciDevices {
             root: PciRoot::new(),
-            next_addr: PCI_MMIO_START,
+            window: BarWindow::default(),
             next_slot: first_free_slot,
+            routes,
             mappings: Vec::new(),
         }
     }
 
-    /// A naturally aligned range of `size` bytes in the PCI window.
-    fn place(&mut self, size: u64) -> Result<u64, ChannelError> {
-        let addr = self.next_addr.next_multiple_of(size);
-        if addr + size > PCI_MMIO_END {
-            return Err(ChannelError::NoSpace);
+    /// Puts `device` on the bus behind the virtio-pci transport: BAR0 on the MMIO bus, an
+    /// ioeventfd per queue doorbell, an irqfd per MSI-X vector. Returns the transport, which the
+    /// I/O thread serves.
+    pub fn attach_virtio(
+        &mut self,
+        vm: &VmFd,
+        bus: &mut DeviceBus,
+        mem: &Mem,
+        device: Box<dyn VirtioDevice>,
+        name: &str,
+    ) -> Result<Arc<Mutex<VirtioPci>>, VmError> {
+        let bar = self.place(virtio_pci::BAR_SIZE)?;
+        let mut vectors = Vec::new();
+        for _ in 0..VirtioPci::vectors_needed(device.as_ref()) {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(VmError::Device)?;
+            let gsi = self.routes.alloc();
+            vm.register_irqfd(&fd, gsi)
+                .map_err(VmError::kvm("KVM_IRQFD"))?;
+            vectors.push(Vector::new(fd, gsi));
         }
-        self.next_addr = addr + size;
-        Ok(addr)
+        let routes: Arc<dyn MsiRouter> = self.routes.clone();
+        let transport = VirtioPci::new(device, mem.clone(), bar, vectors, routes, name)
+            .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        for (i, fd) in transport.notify_fds().iter().enumerate() {
+            let addr =
+                bar + virtio_pci::NOTIFY + u64::from(virtio_pci::NOTIFY_MULTIPLIER) * i as u64;
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.add_mmio_shared(bar, virtio_pci::BAR_SIZE, transport.clone())?;
+        let slot = self
+            .root
+            .plug(transport.clone())
+            .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        tracing::info!("{name}: virtio-pci at 00:{slot:02x}.0, BAR0 {bar:#x}");
+        Ok(transport)
+    }
+
+    fn place(&mut self, size: u64) -> Result<u64, ChannelError> {
+        self.window.place(size)
     }
 
     /// Adds an ivshmem device for `channel`.
@@ -219,7 +289,7 @@ mod tests {
 
     #[test]
     fn bars_are_naturally_aligned_and_bounded_by_the_window() {
-        let mut p = PciDevices::new(2);
+        let mut p = BarWindow::default();
         assert_eq!(p.place(4096).unwrap(), PCI_MMIO_START);
         assert_eq!(p.place(1 << 20).unwrap(), PCI_MMIO_START + (1 << 20));
         assert!(matches!(p.place(1 << 30), Err(ChannelError::NoSpace)));

@@ -16,7 +16,8 @@ use crate::bus::DeviceBus;
 use crate::error::VmError;
 use crate::layout;
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the I/O thread serves.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// The VM's virtio devices, before the I/O thread starts.
 #[derive(Default)]
@@ -72,6 +73,11 @@ impl VirtioDevices {
         self.slots.push(slot);
         self.subscribers.push(transport);
         Ok(())
+    }
+
+    /// Has the I/O thread serve `subscriber` too (a device on another transport).
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.subscribers.push(subscriber);
     }
 
     /// Starts the I/O thread that serves every device's queues; `None` when there are no

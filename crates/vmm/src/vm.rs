@@ -27,6 +27,7 @@ use crate::bus::DeviceBus;
 use crate::error::VmError;
 use crate::event_loop::{self, EventSources};
 use crate::hypervisor::kvm::KvmVcpu;
+use crate::irq::GsiRoutes;
 use crate::layout;
 use crate::pci::PciDevices;
 use crate::signals::StopSignals;
@@ -77,6 +78,18 @@ pub struct VmConfig {
     pub console: Option<SerialOutput>,
     /// Inter-VM channels (ivshmem devices on a PCI bus, which exists only when there are some).
     pub channels: Vec<crate::pci::ChannelConfig>,
+    /// How virtio devices are attached.
+    pub virtio_transport: VirtioTransport,
+}
+
+/// The transport of the VM's virtio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VirtioTransport {
+    /// virtio-mmio, announced in the DSDT (no PCI bus needed).
+    #[default]
+    Mmio,
+    /// virtio-pci with MSI-X: no exits for interrupts.
+    Pci,
 }
 
 /// A guest network interface.
@@ -277,6 +290,7 @@ fn load_boot_images(
     cfg: &VmConfig,
     mem: &GuestMemoryMmap,
     virtio: &[acpi::VirtioSlot],
+    pci: bool,
 ) -> Result<Entry, VmError> {
     let kernel = boot::load_kernel(mem, &cfg.kernel)?;
     let entry = kernel.entry(cfg.boot, &cfg.kernel)?;
@@ -285,7 +299,7 @@ fn load_boot_images(
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
-    let tables = acpi::build(cfg.vcpus.into(), virtio, !cfg.channels.is_empty())?;
+    let tables = acpi::build(cfg.vcpus.into(), virtio, pci)?;
     mem.write_slice(&tables.blob, GuestAddress(tables.base))
         .map_err(boot::BootError::from)?;
     let e820 = layout::e820_map(cfg.memory);
@@ -436,7 +450,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     for d in &cfg.disks {
         disks.push(tandem_virtio::Block::open(d)?);
     }
-    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?);
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -480,9 +494,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             reset.try_clone().map_err(VmError::Device)?,
         ),
     )?;
-    let mut virtio = VirtioDevices::default();
+    // Every virtio device, in the order the guest finds them.
+    let mut devices: Vec<(Box<dyn tandem_virtio::VirtioDevice>, String)> = Vec::new();
     for (i, disk) in disks.into_iter().enumerate() {
-        virtio.attach(&vm, &mut bus, &mem, Box::new(disk), &format!("disk{i}"))?;
+        devices.push((Box::new(disk), format!("disk{i}")));
     }
     let mut console_input = None;
     if let Some(out) = &cfg.console {
@@ -493,7 +508,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         } else {
             tandem_virtio::Console::new(serial_sink(out)?)
         };
-        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "console")?;
+        devices.push((Box::new(dev), "console".into()));
     }
     // Removed (by drop) on every way out of this function, error or not.
     let mut _port_map = None;
@@ -503,7 +518,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             _port_map = Some(tandem_net::portmap::PortMap::install(&spec)?);
         }
         let dev = tandem_virtio::Net::new(Box::new(backend), tandem_net::user::GUEST_MAC.0);
-        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "net0")?;
+        devices.push((Box::new(dev), "net0".into()));
     }
     if let Some(NetConfig::User(u)) = &cfg.net {
         let backend = tandem_net::user::UserNet::new(u)?;
@@ -512,26 +527,35 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             tracing::info!("forwarding {f} (host:guest)");
         }
         let dev = tandem_virtio::Net::new(Box::new(backend), mac);
-        virtio.attach(&vm, &mut bus, &mem, Box::new(dev), "net0")?;
+        devices.push((Box::new(dev), "net0".into()));
     }
     if cfg.rng {
-        virtio.attach(
-            &vm,
-            &mut bus,
-            &mem,
-            Box::new(tandem_virtio::Rng::new()),
-            "rng",
-        )?;
+        devices.push((Box::new(tandem_virtio::Rng::new()), "rng".into()));
     }
+    let pci_virtio = cfg.virtio_transport == VirtioTransport::Pci && !devices.is_empty();
+    let has_pci = pci_virtio || !cfg.channels.is_empty();
+    let mut virtio = VirtioDevices::default();
     let mut keep_mapped = Vec::new();
-    if !cfg.channels.is_empty() {
-        let mut pci = PciDevices::new(mem.num_regions() as u32);
+    if has_pci {
+        let routes = Arc::new(GsiRoutes::new(vm.clone()));
+        let mut pci = PciDevices::new(mem.num_regions() as u32, routes);
+        for (dev, name) in devices {
+            if pci_virtio {
+                virtio.add_subscriber(pci.attach_virtio(&vm, &mut bus, &mem, dev, &name)?);
+            } else {
+                virtio.attach(&vm, &mut bus, &mem, dev, &name)?;
+            }
+        }
         for c in &cfg.channels {
             pci.attach_channel(&vm, &mut bus, c)?;
         }
         keep_mapped = pci.finish(&mut bus)?;
+    } else {
+        for (dev, name) in devices {
+            virtio.attach(&vm, &mut bus, &mem, dev, &name)?;
+        }
     }
-    let entry = load_boot_images(cfg, &mem, virtio.slots())?;
+    let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
     let io_thread = virtio.start()?;
     let bus = Arc::new(bus);
 
