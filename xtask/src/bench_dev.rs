@@ -6,8 +6,9 @@
 //! - net: iperf3 from the test host to the guest's iperf3 server through a forwarded port, both
 //!   directions: tandem `--net user --forward`, QEMU `-nic user,hostfwd=`, QEMU with passt.
 //! - blk: `bench-io` on /dev/vda (O_DIRECT: sequential MB/s, 4 KiB random IOPS at queue depth 1),
-//!   tandem virtio-blk against QEMU virtio-blk, same raw image on the test host's tmpfs, both
-//!   with the host page cache (`cache=writeback`).
+//!   tandem virtio-blk (on virtio-pci, the default, and on virtio-mmio) against QEMU
+//!   virtio-blk-pci, same raw image on the test host's tmpfs, all with the host page cache
+//!   (`cache=writeback`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -278,12 +279,13 @@ measure() {{
   echo "RESULT $name ${{out#bench-io }}"
 }}
 for round in 1 2; do
-measure tandem tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --disk path=/tmp/disk.img,cache=writeback --rng off --cmdline "$APPEND"
+measure tandem tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --virtio-transport pci --disk path=/tmp/disk.img,cache=writeback --rng off --cmdline "$APPEND"
+measure tandem-mmio tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --virtio-transport mmio --disk path=/tmp/disk.img,cache=writeback --rng off --cmdline "$APPEND"
 measure qemu sh -c "{QEMU} -serial stdio -drive file=/tmp/disk.img,if=virtio,format=raw,cache=writeback,aio=threads -append \"\$0\"" "$APPEND"
 done
 "#
     ));
-    eprintln!("bench: bench-io on virtio-blk, tandem and QEMU, 2 rounds each (a few minutes)");
+    eprintln!("bench: bench-io on virtio-blk, tandem (virtio-pci, and virtio-mmio) and QEMU (virtio-pci), 2 rounds each (a few minutes)");
     let carry = vec![PathBuf::from(format!(
         "{}:/usr/bin/bench-io",
         tool.display()

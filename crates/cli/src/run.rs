@@ -73,9 +73,9 @@ pub struct RunArgs {
     /// VMs given the same FILE share its memory. id is this VM's peer ID on it.
     #[arg(long, value_name = "SPEC", value_parser = parse_channel)]
     channel: Vec<tandem_vmm::ChannelConfig>,
-    /// How virtio devices reach the guest: mmio (virtio-mmio, announced in ACPI) or pci
-    /// (virtio-pci with MSI-X: interrupts cost the guest no exit).
-    #[arg(long, value_name = "mmio|pci", default_value = "mmio", value_parser = parse_transport)]
+    /// How virtio devices reach the guest: pci (virtio-pci with MSI-X: interrupts cost the
+    /// guest no exit) or mmio (virtio-mmio, announced in ACPI; no PCI bus).
+    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
     virtio_transport: tandem_vmm::VirtioTransport,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]

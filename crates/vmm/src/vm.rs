@@ -86,9 +86,9 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VirtioTransport {
     /// virtio-mmio, announced in the DSDT (no PCI bus needed).
-    #[default]
     Mmio,
     /// virtio-pci with MSI-X: no exits for interrupts.
+    #[default]
     Pci,
 }
 
