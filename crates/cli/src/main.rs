@@ -1,8 +1,8 @@
 //! `tandem`: the command-line front end.
 
+mod check;
 mod doctor;
 mod run;
-mod size;
 mod spec;
 mod terminal;
 
@@ -30,6 +30,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Check this host: /dev/kvm, KVM capabilities, and whether guests run at hardware speed.
     Doctor,
+    /// Validate a partition config (several VMs and their channels) without starting anything.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,5 +81,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Doctor => doctor::main(),
+        Command::Check(args) => check::main(args),
     }
 }

@@ -11,10 +11,10 @@ use tandem_vmm::{NetConfig, SerialOutput, TapConfig, VmConfig, VmError, VmOutcom
 
 use tandem_virtio::BlockConfig;
 
-use crate::size::parse_size;
 use crate::spec;
 use crate::terminal::RawTerminal;
 use crate::EXIT_USAGE;
+use tandem_partition::size::parse_size;
 
 /// The command line used when `--cmdline` is not given.
 /// `reboot=k`: the guest resets straight through the i8042 (every other method works too).
@@ -97,7 +97,7 @@ pub enum NetChoice {
     None,
 }
 
-fn parse_net(s: &str) -> Result<NetChoice, String> {
+pub(crate) fn parse_net(s: &str) -> Result<NetChoice, String> {
     match s {
         "user" => Ok(NetChoice::User),
         "none" => Ok(NetChoice::None),
@@ -110,7 +110,7 @@ fn parse_net(s: &str) -> Result<NetChoice, String> {
     }
 }
 
-fn parse_forward(s: &str) -> Result<Forward, String> {
+pub(crate) fn parse_forward(s: &str) -> Result<Forward, String> {
     s.parse()
         .map_err(|e: tandem_net::ForwardError| e.to_string())
 }

@@ -123,13 +123,13 @@ pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError>
         match k.as_str() {
             "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
             "size" => {
-                size = Some(
-                    crate::size::parse_size(&v).map_err(|_| SpecError::BadValue {
+                size = Some(tandem_partition::size::parse_size(&v).map_err(|_| {
+                    SpecError::BadValue {
                         key: k,
                         value: v,
                         expected: "a size such as 64K, 1M or 2G",
-                    })?,
-                )
+                    }
+                })?)
             }
             "id" => {
                 id = v.parse().map_err(|_| SpecError::BadValue {

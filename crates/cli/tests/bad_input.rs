@@ -372,3 +372,96 @@ fn malformed_and_impossible_channels() {
     }
     let _ = std::fs::remove_file(odd);
 }
+
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("tandem-cfg-{}-{name}.toml", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn check_accepts_a_good_config_and_names_the_line_of_every_error() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let vm = |name: &str, role: &str, cpus: &str| {
+        format!("[[vm]]\nname = \"{name}\"\nrole = \"{role}\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = {cpus}\n")
+    };
+    let good = config_file(
+        "good",
+        &(vm("rt", "realtime", "[1]")
+            + &vm("gp", "general", "[0]")
+            + "[[channel]]\nname = \"c\"\nsize = \"64K\"\nmembers = [\"rt\", \"gp\"]\n"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok, 2 VM(s), 1 channel(s)"), "{stdout}");
+    assert!(stdout.contains("vm rt"), "{stdout}");
+    for (name, text, expect) in [
+        (
+            "unknown",
+            vm("a", "general", "[0]") + "colour = \"red\"\n",
+            ":7: unknown field `colour`",
+        ),
+        (
+            "rt-shared",
+            vm("a", "realtime", "[0]") + &vm("b", "general", "[0]"),
+            ":12: CPU 0 belongs to realtime VM 'a' (line 6); 'b' cannot share it",
+        ),
+        (
+            "rt-rt",
+            vm("a", "realtime", "[0]") + &vm("b", "realtime", "[0]"),
+            ":12: realtime VMs 'a' (line 6) and 'b' both claim CPU 0",
+        ),
+        (
+            "no-cpu",
+            vm("a", "general", "[4096]"),
+            ":6: CPU 4096 does not exist on this host",
+        ),
+        (
+            "member",
+            vm("a", "general", "[0]")
+                + &vm("b", "general", "[0]")
+                + "[[channel]]\nname = \"c\"\nsize = \"4K\"\nmembers = [\"a\", \"x\"]\n",
+            ":16: channel 'c': no VM named 'x'",
+        ),
+        (
+            "memory",
+            vm("a", "general", "[0]").replace("64M", "64T"),
+            ":5: the VMs up to 'a' need 67108864 MiB of memory; this host has",
+        ),
+        (
+            "kernel",
+            vm("a", "general", "[0]").replace(k, "/nonexistent/vmlinuz"),
+            ":4: cannot read /nonexistent/vmlinuz",
+        ),
+        (
+            "forward",
+            vm("a", "general", "[0]") + "forwards = [\"tcp:99999:22\"]\n",
+            ":7: '99999' is not a port",
+        ),
+        (
+            "disk",
+            vm("a", "general", "[0]") + "disks = [\"path=/x,ro=on\"]\n",
+            ":7: disk 'path=/x,ro=on': unknown key 'ro'",
+        ),
+    ] {
+        let f = config_file(name, &text);
+        let path = f.to_str().unwrap();
+        assert_one_clear_line(&["check", path], &[], &format!("{path}{expect}"));
+        let _ = std::fs::remove_file(f);
+    }
+    assert_one_clear_line(
+        &["check", "/nonexistent/p.toml"],
+        &[],
+        "/nonexistent/p.toml: cannot read the config",
+    );
+    let _ = std::fs::remove_file(good);
+}

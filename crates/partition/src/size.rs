@@ -1,4 +1,4 @@
-//! Memory sizes on the command line: `512M`, `2G`, `1GiB`, `1048576K`; a bare number is MiB.
+//! Sizes, on the command line and in config files: `512M`, `2G`, `1GiB`, `1048576K`; a bare number is MiB.
 
 /// Parses a size into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
