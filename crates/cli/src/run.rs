@@ -38,9 +38,25 @@ pub struct RunArgs {
     /// Kernel command line (replaces the default).
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
-    cpus: u8,
+    /// Number of vCPUs (default: as many as --pin-cpus lists, else 1).
+    #[arg(long, value_name = "N", value_parser = parse_cpus)]
+    cpus: Option<u8>,
+    /// Pin vCPU i to the i-th host CPU of LIST (e.g. 2,3 or 2-3).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pin_cpus: Option<CpuList>,
+    /// Run the vCPU threads under SCHED_FIFO (needs root or CAP_SYS_NICE); with --pin-cpus,
+    /// tandem's other threads stay off the vCPUs' CPUs.
+    #[arg(long)]
+    realtime: bool,
+    /// Host CPUs for tandem's threads other than vCPUs (I/O, event loop).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    housekeeping_cpus: Option<CpuList>,
+    /// Prefault and lock guest memory (needs a large enough locked-memory limit, or root).
+    #[arg(long)]
+    lock_memory: bool,
+    /// Back guest memory with huge pages (they must be reserved: /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// Guest memory: 512M, 2G, ... (a bare number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     memory: u64,
@@ -144,6 +160,25 @@ fn parse_cpus(s: &str) -> Result<u8, String> {
     }
 }
 
+/// A host CPU list such as `2,3` or `2-5`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<u32>);
+
+fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let range = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>(), b.parse::<u32>()),
+            None => (part.parse::<u32>(), part.parse::<u32>()),
+        };
+        match range {
+            (Ok(a), Ok(b)) if a <= b && b - a < 4096 => out.extend(a..=b),
+            _ => return Err(format!("'{s}' is not a CPU list (e.g. 2,3 or 2-5)")),
+        }
+    }
+    Ok(CpuList(out))
+}
+
 fn parse_boot(s: &str) -> Result<BootProtocol, String> {
     match s {
         "auto" => Ok(BootProtocol::Auto),
@@ -203,7 +238,11 @@ pub fn main(args: RunArgs) -> ExitCode {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        vcpus: args.cpus,
+        vcpus: args.cpus.unwrap_or_else(|| {
+            args.pin_cpus
+                .as_ref()
+                .map_or(1, |p| p.0.len().clamp(1, 254) as u8)
+        }),
         memory: args.memory,
         serial: args.serial,
         stdin: interactive,
@@ -223,6 +262,13 @@ pub fn main(args: RunArgs) -> ExitCode {
         rng: args.rng,
         channels: args.channel,
         virtio_transport: args.virtio_transport,
+        placement: tandem_vmm::placement::Placement {
+            pin: args.pin_cpus.map(|l| l.0).unwrap_or_default(),
+            realtime: args.realtime,
+            housekeeping: args.housekeeping_cpus.map(|l| l.0).unwrap_or_default(),
+            lock_memory: args.lock_memory,
+            hugepages: args.hugepages,
+        },
         console: match args.console {
             SerialOutput::None => None,
             other => Some(other),

@@ -465,3 +465,66 @@ fn check_accepts_a_good_config_and_names_the_line_of_every_error() {
     );
     let _ = std::fs::remove_file(good);
 }
+
+#[test]
+fn placements_that_cannot_be_applied() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    for (args, expect) in [
+        (
+            vec!["--pin-cpus", "0,1", "--cpus", "1"],
+            "--pin-cpus lists 2 CPUs for 1 vCPUs",
+        ),
+        (
+            vec!["--pin-cpus", "9999"],
+            "CPU 9999 is not available to tandem",
+        ),
+        (vec!["--pin-cpus", "1-0"], "'1-0' is not a CPU list"),
+        (
+            vec!["--housekeeping-cpus", "9999"],
+            "CPU 9999 is not available to tandem",
+        ),
+    ] {
+        let mut a = vec!["run", "--kernel", k];
+        a.extend(args);
+        assert_one_clear_line(&a, &[], expect);
+    }
+    // Without the privilege for SCHED_FIFO.
+    assert_one_clear_line_from(
+        tandem_cmd(true),
+        &["run", "--kernel", k, "--realtime"],
+        &[],
+        "--realtime: real-time scheduling is not permitted",
+    );
+    // Without CAP_IPC_LOCK and with a 1 MiB locked-memory limit (setpriv and prlimit are
+    // util-linux's).
+    let mut locked = Command::new("setpriv");
+    locked.args([
+        "--bounding-set",
+        "-ipc_lock",
+        "prlimit",
+        "--memlock=1048576",
+        "--",
+        env!("CARGO_BIN_EXE_tandem"),
+    ]);
+    assert_one_clear_line_from(
+        locked,
+        &["run", "--kernel", k, "--lock-memory", "--memory", "64M"],
+        &[],
+        "--lock-memory: cannot lock 64 MiB of guest memory",
+    );
+    // No huge pages reserved (where the host has none free).
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("HugePages_Free:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if free < 32 {
+        assert_one_clear_line(
+            &["run", "--kernel", k, "--hugepages", "--memory", "64M"],
+            &[],
+            "--hugepages: 32 huge pages of 2048 KiB are needed",
+        );
+    }
+}

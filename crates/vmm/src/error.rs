@@ -84,6 +84,9 @@ pub enum VmError {
     /// The TAP interface could not be opened.
     #[error(transparent)]
     Tap(#[from] tandem_net::tap::TapError),
+    /// The placement (pinning, scheduling, memory backing) cannot be applied.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
     /// An inter-VM channel could not be attached.
     #[error(transparent)]
     Channel(#[from] crate::pci::ChannelError),
@@ -119,7 +122,8 @@ impl VmError {
             | VmError::Net(_)
             | VmError::Tap(_)
             | VmError::PortMap(_)
-            | VmError::Channel(_) => true,
+            | VmError::Channel(_)
+            | VmError::Placement(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -8,6 +8,7 @@
 //! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
 //! - [`irq`]: the GSI routing table with the MSI routes of MSI-X vectors;
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
+//! - [`placement`]: vCPU pinning, SCHED_FIFO, housekeeping CPUs, locked and huge-page memory;
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
 #![deny(missing_docs)]
@@ -23,6 +24,7 @@ pub mod hypervisor;
 pub mod irq;
 pub mod layout;
 pub mod pci;
+pub mod placement;
 pub mod probe;
 pub mod regs;
 pub mod signals;

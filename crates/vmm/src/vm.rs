@@ -7,13 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use tandem_devices::acpi_pm::ACPI_PM_PORT;
 use tandem_devices::i8042::{I8042_BASE, I8042_PORTS};
@@ -80,6 +76,8 @@ pub struct VmConfig {
     pub channels: Vec<crate::pci::ChannelConfig>,
     /// How virtio devices are attached.
     pub virtio_transport: VirtioTransport,
+    /// CPU pinning, scheduling and memory backing.
+    pub placement: crate::placement::Placement,
 }
 
 /// The transport of the VM's virtio devices.
@@ -231,6 +229,7 @@ pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
 /// Checks the device configuration without KVM: the device count, and that every disk image
 /// can be opened and locked as asked (it is closed again at once).
 pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
+    cfg.placement.check(cfg.vcpus.into())?;
     let devices = cfg.disks.len()
         + usize::from(cfg.rng)
         + usize::from(cfg.net.is_some())
@@ -257,31 +256,6 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
         None => {}
     }
     Ok(())
-}
-
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-        let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`. Every vCPU thread holds a clone of
-        // `mem` (see `run`), so the mapping stays in place as long as any vCPU can enter the guest.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(mem)
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures (zero
@@ -445,6 +419,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let signals = StopSignals::block().map_err(VmError::Device)?;
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
+    cfg.placement.check(cfg.vcpus.into())?;
+    // Every thread started from here on inherits the housekeeping CPUs; vCPU threads then pin
+    // themselves.
+    let housekeeping = cfg.placement.housekeeping_cpus();
+    if !housekeeping.is_empty() {
+        crate::placement::set_affinity(&housekeeping).map_err(VmError::Device)?;
+    }
+    tracing::info!("placement: {}", cfg.placement.describe());
     // Disks are opened (and locked) before anything else, so a bad one fails fast.
     let mut disks = Vec::with_capacity(cfg.disks.len());
     for d in &cfg.disks {
@@ -464,7 +446,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     vm.create_pit2(pit)
         .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
 
-    let mem = create_memory(&vm, cfg.memory)?;
+    let mem = crate::placement::create_memory(&vm, cfg.memory, &cfg.placement)?;
 
     // Devices.
     let panic = PanicRecord::default();
@@ -571,6 +553,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
+        let placement = cfg.placement.clone();
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
         // the guest, so each thread keeps the mapping alive.
@@ -579,6 +562,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let _guest_memory = guest_memory;
+                if let Err(e) = placement.apply_to_vcpu(index.into()) {
+                    tracing::error!("vcpu{index}: cannot apply its placement: {e}");
+                }
                 let mut vcpu = KvmVcpu::new(fd);
                 let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
                 if let Ok(mut r) = reports.lock() {
