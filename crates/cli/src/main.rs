@@ -5,6 +5,7 @@ mod doctor;
 mod run;
 mod spec;
 mod terminal;
+mod up;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,16 @@ enum Command {
     Doctor,
     /// Validate a partition config (several VMs and their channels) without starting anything.
     Check(check::CheckArgs),
+    /// Start every VM of a partition config and supervise them (foreground).
+    Up(up::UpArgs),
+    /// Show the VMs of the running `tandem up`.
+    Ps(up::StateArgs),
+    /// Stop one VM of the running `tandem up` (it is not restarted).
+    Stop(up::VmArgs),
+    /// Restart one VM of the running `tandem up`.
+    Restart(up::VmArgs),
+    /// Stop every VM of the running `tandem up` and end it.
+    Down(up::StateArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,5 +93,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(*args),
         Command::Doctor => doctor::main(),
         Command::Check(args) => check::main(args),
+        Command::Up(args) => up::up(args),
+        Command::Ps(a) => up::ps(a),
+        Command::Stop(a) => up::stop(a),
+        Command::Restart(a) => up::restart(a),
+        Command::Down(a) => up::down(a),
     }
 }

@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// guest no exit) or mmio (virtio-mmio, announced in ACPI; no PCI bus).
     #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
     virtio_transport: tandem_vmm::VirtioTransport,
+    /// Check the arguments and the host (images, disks, ports, KVM, placement), then exit 0
+    /// without booting.
+    #[arg(long)]
+    dry_run: bool,
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
@@ -296,6 +300,9 @@ pub fn main(args: RunArgs) -> ExitCode {
         .and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))
     {
         return fail(&e, exit_code(&e));
+    }
+    if args.dry_run {
+        return ExitCode::SUCCESS;
     }
     let raw = if interactive {
         RawTerminal::enter()

@@ -528,3 +528,35 @@ fn placements_that_cannot_be_applied() {
         );
     }
 }
+
+#[test]
+fn up_fails_before_starting_anything_and_ps_needs_a_supervisor() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let state = std::env::temp_dir().join(format!("tandem-up-{}", std::process::id()));
+    let cfg = config_file(
+        "up",
+        &format!(
+            "[[vm]]\nname = \"a\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = [0]\n\n\
+             [[vm]]\nname = \"b\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = [0]\nforwards = [\"tcp:{port}:22\"]\n"
+        ),
+    );
+    let st = state.to_str().unwrap();
+    assert_one_clear_line(
+        &["up", cfg.to_str().unwrap(), "--state-dir", st],
+        &[],
+        &format!("vm 'b': --forward tcp:127.0.0.1:{port}:22: cannot listen on 127.0.0.1:{port}: the port is already in use; nothing was started"),
+    );
+    assert!(
+        !state.join("a.log").exists(),
+        "VM a must not have been started"
+    );
+    let (rc, err) = tandem(tandem_cmd(false), &["ps", "--state-dir", st], &[]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(err.starts_with("tandem: no tandem up answers at "), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_dir_all(state);
+}

@@ -1,0 +1,263 @@
+//! `tandem up FILE` (the supervisor) and the commands that talk to it: `ps`, `stop`, `restart`,
+//! `down`.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use clap::Args;
+use tandem_partition::control::{self, Request, Response};
+use tandem_partition::host::Host;
+use tandem_partition::plan::plan;
+use tandem_partition::supervisor::{self, Supervisor};
+
+use crate::EXIT_USAGE;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// The partition config (TOML).
+    file: PathBuf,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StateArgs {
+    /// The supervisor's directory: control socket, logs, channel memory. Default:
+    /// $TANDEM_STATE_DIR, else /run/tandem for root, else $XDG_RUNTIME_DIR/tandem.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// The VM's name.
+    vm: String,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+impl StateArgs {
+    fn dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(d) = std::env::var_os("TANDEM_STATE_DIR") {
+            return d.into();
+        }
+        if euid() == 0 {
+            return "/run/tandem".into();
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("tandem"),
+            None => std::env::temp_dir().join(format!("tandem-{}", euid())),
+        }
+    }
+}
+
+/// Where CPU claims of every `tandem up` on this host meet.
+fn lock_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_LOCK_DIR") {
+        return d.into();
+    }
+    if Path::new("/run/lock").is_dir() {
+        "/run/lock/tandem".into()
+    } else {
+        std::env::temp_dir().join("tandem-locks")
+    }
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("tandem: {msg}");
+    ExitCode::from(code)
+}
+
+/// Locked memory each VM asks for must be lockable: root, or a large enough RLIMIT_MEMLOCK.
+fn check_memlock(config: &tandem_partition::Config) -> Result<(), String> {
+    if euid() == 0 {
+        return Ok(());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    for vm in config.vms.iter().filter(|v| v.lock_memory) {
+        let need = vm.memory.get_ref().0;
+        if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
+            return Err(config
+                .error(
+                    vm.name.span(),
+                    format!(
+                        "vm '{}': lock_memory needs {} MiB locked, but the locked-memory limit is {} KiB; raise it (ulimit -l) or run as root",
+                        vm.name.get_ref(),
+                        need >> 20,
+                        lim.rlim_cur >> 10
+                    ),
+                )
+                .to_string());
+        }
+    }
+    Ok(())
+}
+
+pub fn up(args: UpArgs) -> ExitCode {
+    supervisor::block_signals();
+    let config = match crate::check::load_and_check(&args.file) {
+        Ok(c) => c,
+        Err(e) => return fail(e, EXIT_USAGE),
+    };
+    if let Err(e) = check_memlock(&config) {
+        return fail(e, EXIT_USAGE);
+    }
+    let state = args.state.dir();
+    if let Err(e) = std::fs::create_dir_all(&state)
+        .and_then(|()| std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)))
+    {
+        return fail(format!("cannot use {}: {e}", state.display()), 1);
+    }
+    let lock = match std::fs::File::create(state.join("supervisor.lock")) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot use {}: {e}", state.display()), 1),
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return fail(
+            format!(
+                "another tandem up is running with state directory {} (use --state-dir)",
+                state.display()
+            ),
+            EXIT_USAGE,
+        );
+    }
+    let (vms, channels) = plan(&config, &state, &Host::current().cpus);
+    let _cpu_locks = match supervisor::lock_cpus(&lock_dir(), &vms) {
+        Ok(l) => l,
+        Err(e) => return fail(e, EXIT_USAGE),
+    };
+    let cleanup = |channels: &[tandem_partition::plan::ChannelPlan]| {
+        for c in channels {
+            let _ = std::fs::remove_file(&c.path);
+        }
+    };
+    for c in &channels {
+        let _ = std::fs::remove_file(&c.path);
+        let cfg = tandem_vmm::ChannelConfig {
+            path: c.path.clone(),
+            size: c.size,
+            peer_id: 0,
+        };
+        if let Err(e) = cfg.open() {
+            cleanup(&channels);
+            return fail(e, 1);
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find the tandem executable: {e}"), 1),
+    };
+    // Every VM's own checks (images, disks, ports, KVM, placement) before any VM starts.
+    for vm in &vms {
+        let out = Command::new(&exe).args(&vm.args).arg("--dry-run").output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                cleanup(&channels);
+                let err = String::from_utf8_lossy(&o.stderr);
+                let line = err
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("tandem: ");
+                return fail(
+                    format!("vm '{}': {line}; nothing was started", vm.name),
+                    o.status.code().map_or(1, |c| c.clamp(1, 255) as u8),
+                );
+            }
+            Err(e) => {
+                cleanup(&channels);
+                return fail(format!("cannot run {}: {e}", exe.display()), 1);
+            }
+        }
+    }
+    eprintln!(
+        "tandem: {} VM(s) from {}; control socket {}",
+        vms.len(),
+        args.file.display(),
+        state.join("control.sock").display()
+    );
+    let status = Supervisor {
+        exe,
+        state_dir: state,
+        vms,
+        channels,
+    }
+    .run();
+    ExitCode::from(status.clamp(0, 255) as u8)
+}
+
+fn ask(state: &StateArgs, req: Request) -> Result<Response, ExitCode> {
+    let socket = state.dir().join("control.sock");
+    match control::send(&socket, &req) {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => Err(fail(
+            r.error.unwrap_or_else(|| "refused".into()),
+            EXIT_USAGE,
+        )),
+        Err(e) => Err(fail(
+            format!("no tandem up answers at {}: {e}", socket.display()),
+            1,
+        )),
+    }
+}
+
+fn table(r: &Response) {
+    println!(
+        "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} LAST EXIT",
+        "NAME", "ROLE", "STATE", "PID", "RESTARTS", "CPUS", "POLICY", "LOCKED", "HUGE"
+    );
+    for v in &r.vms {
+        println!(
+            "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} {}",
+            v.name,
+            v.role,
+            v.state,
+            v.pid.map_or("-".into(), |p| p.to_string()),
+            v.restarts,
+            v.cpus,
+            v.policy,
+            if v.locked { "yes" } else { "no" },
+            if v.hugepages { "yes" } else { "no" },
+            v.last_exit.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+pub fn ps(state: StateArgs) -> ExitCode {
+    match ask(&state, Request::Ps) {
+        Ok(r) => {
+            table(&r);
+            ExitCode::SUCCESS
+        }
+        Err(c) => c,
+    }
+}
+
+pub fn stop(a: VmArgs) -> ExitCode {
+    ask(&a.state, Request::Stop { vm: a.vm }).map_or_else(|c| c, |_| ExitCode::SUCCESS)
+}
+
+pub fn restart(a: VmArgs) -> ExitCode {
+    ask(&a.state, Request::Restart { vm: a.vm }).map_or_else(|c| c, |_| ExitCode::SUCCESS)
+}
+
+pub fn down(state: StateArgs) -> ExitCode {
+    ask(&state, Request::Down).map_or_else(|c| c, |_| ExitCode::SUCCESS)
+}

@@ -1,0 +1,181 @@
+//! From a validated config to the `tandem run` command line of each VM.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, Restart, Role};
+
+/// One VM as the supervisor starts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPlan {
+    /// Its name.
+    pub name: String,
+    /// Arguments after `tandem`.
+    pub args: Vec<String>,
+    /// Role.
+    pub role: Role,
+    /// Host CPUs.
+    pub cpus: Vec<u32>,
+    /// Restart policy.
+    pub restart: Restart,
+    /// Locked memory.
+    pub lock_memory: bool,
+    /// Huge pages.
+    pub hugepages: bool,
+}
+
+/// A channel's shared memory file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelPlan {
+    /// Channel name.
+    pub name: String,
+    /// The file the members share.
+    pub path: PathBuf,
+    /// Bytes.
+    pub size: u64,
+}
+
+fn list(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The plan for every VM and channel of `config`; channel files go in `state_dir`, and every
+/// VM's non-vCPU threads stay off the CPUs of all realtime VMs (out of `host_cpus`).
+pub fn plan(
+    config: &Config,
+    state_dir: &Path,
+    host_cpus: &BTreeSet<u32>,
+) -> (Vec<VmPlan>, Vec<ChannelPlan>) {
+    let rt_cpus: BTreeSet<u32> = config
+        .vms
+        .iter()
+        .filter(|v| v.role == Role::Realtime)
+        .flat_map(|v| v.cpus.get_ref().iter().copied())
+        .collect();
+    let housekeeping: Vec<u32> = host_cpus.difference(&rt_cpus).copied().collect();
+    let channels: Vec<ChannelPlan> = config
+        .channels
+        .iter()
+        .map(|c| ChannelPlan {
+            name: c.name.get_ref().clone(),
+            path: state_dir.join(format!("channel-{}", c.name.get_ref())),
+            size: c.size.get_ref().0,
+        })
+        .collect();
+    let vms = config
+        .vms
+        .iter()
+        .map(|vm| {
+            let name = vm.name.get_ref();
+            let cpus = vm.cpus.get_ref().clone();
+            let mut a: Vec<String> = vec!["run".into(), "--kernel".into()];
+            a.push(vm.kernel.get_ref().display().to_string());
+            if let Some(i) = &vm.initrd {
+                a.extend(["--initrd".into(), i.get_ref().display().to_string()]);
+            }
+            if let Some(c) = &vm.cmdline {
+                a.extend(["--cmdline".into(), c.clone()]);
+            }
+            a.extend([
+                "--memory".into(),
+                format!("{}K", vm.memory.get_ref().0 >> 10),
+                "--pin-cpus".into(),
+                list(&cpus),
+                "--serial".into(),
+                "stdio".into(),
+            ]);
+            if vm.role == Role::Realtime {
+                a.push("--realtime".into());
+            }
+            if !rt_cpus.is_empty() && !housekeeping.is_empty() {
+                a.extend(["--housekeeping-cpus".into(), list(&housekeeping)]);
+            }
+            if vm.lock_memory {
+                a.push("--lock-memory".into());
+            }
+            if vm.hugepages {
+                a.push("--hugepages".into());
+            }
+            for d in &vm.disks {
+                a.extend(["--disk".into(), d.get_ref().clone()]);
+            }
+            if let Some(n) = &vm.net {
+                a.extend(["--net".into(), n.get_ref().clone()]);
+            }
+            for f in &vm.forwards {
+                a.extend(["--forward".into(), f.get_ref().clone()]);
+            }
+            for (ch, spec) in channels.iter().zip(&config.channels) {
+                if let Some(id) = spec.members.get_ref().iter().position(|m| m == name) {
+                    a.extend([
+                        "--channel".into(),
+                        format!("path={},size={}K,id={id}", ch.path.display(), ch.size >> 10),
+                    ]);
+                }
+            }
+            VmPlan {
+                name: name.clone(),
+                args: a,
+                role: vm.role,
+                cpus,
+                restart: vm.restart,
+                lock_memory: vm.lock_memory,
+                hugepages: vm.hugepages,
+            }
+        })
+        .collect();
+    (vms, channels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_carry_every_setting_and_channel_membership() {
+        let text = r#"
+[[vm]]
+name = "rt"
+role = "realtime"
+kernel = "/k-rt"
+initrd = "/i"
+cmdline = "console=ttyS0 quiet"
+memory = "256M"
+cpus = [3]
+lock_memory = true
+
+[[vm]]
+name = "gp"
+kernel = "/k"
+memory = "1G"
+cpus = [0, 1]
+disks = ["path=/d.img,readonly=on"]
+net = "user"
+forwards = ["tcp:2222:22"]
+hugepages = true
+
+[[channel]]
+name = "c"
+size = "1M"
+members = ["gp", "rt"]
+"#;
+        let c = Config::parse(Path::new("p.toml"), text.into()).unwrap();
+        let (vms, chans) = plan(&c, Path::new("/run/t"), &(0..4).collect());
+        assert_eq!(chans[0].path, PathBuf::from("/run/t/channel-c"));
+        assert_eq!(
+            vms[0].args.join(" "),
+            "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \
+             --pin-cpus 3 --serial stdio --realtime --housekeeping-cpus 0,1,2 --lock-memory \
+             --channel path=/run/t/channel-c,size=1024K,id=1"
+        );
+        assert_eq!(
+            vms[1].args.join(" "),
+            "run --kernel /k --memory 1048576K --pin-cpus 0,1 --serial stdio \
+             --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on --net user \
+             --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0"
+        );
+    }
+}

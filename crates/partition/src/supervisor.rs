@@ -1,0 +1,569 @@
+//! The supervisor of `tandem up`: one `tandem run` process per VM (so one VM's device emulation
+//! can never touch another VM's memory), their output in per-VM logs and prefixed on the
+//! terminal, restart policies with back-off, a control socket, and a clean shutdown on
+//! SIGINT/SIGTERM/SIGHUP.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::Role;
+use crate::control::{Request, Response, VmStatus};
+use crate::plan::{ChannelPlan, VmPlan};
+use crate::restart::{Decision, Ending, Tracker};
+
+/// How long a VM gets to stop after SIGTERM before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+enum Event {
+    Exited {
+        vm: usize,
+        generation: u64,
+        status: std::process::ExitStatus,
+    },
+    Command(Request, Sender<Response>),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Running { pid: u32, since: Instant },
+    Waiting(Instant),
+    Stopped,
+    CrashLoop,
+}
+
+struct Vm {
+    plan: VmPlan,
+    state: State,
+    generation: u64,
+    tracker: Tracker,
+    /// Set when tandem asked it to stop: its exit is not a failure.
+    stopping: Option<Instant>,
+    /// Start it again as soon as it has stopped (`tandem restart`).
+    restart_after_stop: bool,
+    last_exit: Option<String>,
+    log: PathBuf,
+}
+
+/// What the supervisor needs to run.
+pub struct Supervisor {
+    /// The tandem executable.
+    pub exe: PathBuf,
+    /// Where logs, channel files and the control socket live.
+    pub state_dir: PathBuf,
+    /// The VMs.
+    pub vms: Vec<VmPlan>,
+    /// The channels' files (removed at the end).
+    pub channels: Vec<ChannelPlan>,
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads it starts), so
+/// [`Supervisor::run`] can take them as events. Call it first thing.
+pub fn block_signals() {
+    // SAFETY: plain signal-mask manipulation of the calling thread with a set built here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "powered off".into(),
+        (Some(3), _) => "guest kernel panic (status 3)".into(),
+        (Some(4), _) => "guest reboot (status 4)".into(),
+        (Some(5), _) => "vCPU failure (status 5)".into(),
+        (Some(c), _) if c > 128 => format!("stopped by signal {} (status {c})", c - 128),
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, None) => "ended".into(),
+    }
+}
+
+fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory effects; pid is a child of this process.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+impl Supervisor {
+    /// The control socket's path.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+
+    fn start(&self, vm: &mut Vm, index: usize, tx: &Sender<Event>) {
+        vm.generation += 1;
+        vm.stopping = None;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&vm.plan.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec only async-signal-safe calls: a process group of its
+        // own (the terminal's Ctrl-C goes to the supervisor, which stops VMs in order), and the
+        // supervisor's blocked signals unblocked.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setpgid(0, 0);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tandem: vm '{}': cannot start: {e}", vm.plan.name);
+                vm.state = State::Stopped;
+                vm.last_exit = Some(format!("cannot start: {e}"));
+                return;
+            }
+        };
+        let pid = child.id();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&vm.log)
+            .ok();
+        let name = vm.plan.name.clone();
+        let mut readers = Vec::new();
+        for (stream, is_err) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                false,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                true,
+            ),
+        ] {
+            let (Some(stream), log) = (stream, log.as_ref().and_then(|l| l.try_clone().ok()))
+            else {
+                continue;
+            };
+            let name = name.clone();
+            readers.push(thread::spawn(move || relay(stream, log, &name, is_err)));
+        }
+        let generation = vm.generation;
+        let tx = tx.clone();
+        thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                for r in readers {
+                    let _ = r.join();
+                }
+                let _ = tx.send(Event::Exited {
+                    vm: index,
+                    generation,
+                    status,
+                });
+            }
+        });
+        eprintln!(
+            "tandem: vm '{name}' started (pid {pid}, CPUs {})",
+            vm.plan
+                .cpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        vm.state = State::Running {
+            pid,
+            since: Instant::now(),
+        };
+    }
+
+    fn stop(vm: &mut Vm) {
+        if let State::Running { pid, .. } = vm.state {
+            if vm.stopping.is_none() {
+                vm.stopping = Some(Instant::now());
+                send_signal(pid, libc::SIGTERM);
+            }
+        } else if matches!(vm.state, State::Waiting(_) | State::CrashLoop) {
+            vm.state = State::Stopped;
+        }
+    }
+
+    fn status(vm: &Vm) -> VmStatus {
+        let (state, pid, uptime) = match &vm.state {
+            State::Running { pid, since } => (
+                if vm.stopping.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                }
+                .to_string(),
+                Some(*pid),
+                Some(since.elapsed().as_secs()),
+            ),
+            State::Waiting(at) => (
+                format!(
+                    "restarting in {:.1}s",
+                    at.saturating_duration_since(Instant::now()).as_secs_f64()
+                ),
+                None,
+                None,
+            ),
+            State::Stopped => ("stopped".into(), None, None),
+            State::CrashLoop => ("crash-loop".into(), None, None),
+        };
+        VmStatus {
+            name: vm.plan.name.clone(),
+            role: match vm.plan.role {
+                Role::Realtime => "realtime".into(),
+                Role::General => "general".into(),
+            },
+            state,
+            pid,
+            restarts: vm.tracker.restarts,
+            cpus: vm
+                .plan
+                .cpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            policy: match vm.plan.role {
+                Role::Realtime => "SCHED_FIFO 40".into(),
+                Role::General => "SCHED_OTHER".into(),
+            },
+            locked: vm.plan.lock_memory,
+            hugepages: vm.plan.hugepages,
+            uptime_s: uptime,
+            last_exit: vm.last_exit.clone(),
+        }
+    }
+
+    /// Starts every VM and supervises them until `down`, a termination signal, or until none is
+    /// left running or due to restart. Returns the exit status for the supervisor.
+    pub fn run(self) -> i32 {
+        let (tx, rx) = mpsc::channel();
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        match UnixListener::bind(&socket) {
+            Ok(listener) => {
+                let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+                let tx = tx.clone();
+                thread::spawn(move || serve(listener, tx));
+            }
+            Err(e) => eprintln!("tandem: no control socket at {}: {e}", socket.display()),
+        }
+        {
+            let tx = tx.clone();
+            thread::spawn(move || wait_signals(tx));
+        }
+        let mut vms: Vec<Vm> = self
+            .vms
+            .iter()
+            .map(|p| Vm {
+                plan: p.clone(),
+                state: State::Stopped,
+                generation: 0,
+                tracker: Tracker::default(),
+                stopping: None,
+                restart_after_stop: false,
+                last_exit: None,
+                log: self.state_dir.join(format!("{}.log", p.name)),
+            })
+            .collect();
+        for (i, vm) in vms.iter_mut().enumerate() {
+            self.start(vm, i, &tx);
+        }
+        let status = self.supervise(&mut vms, &rx, &tx);
+        let _ = std::fs::remove_file(&socket);
+        for c in &self.channels {
+            let _ = std::fs::remove_file(&c.path);
+        }
+        status
+    }
+
+    fn supervise(&self, vms: &mut [Vm], rx: &Receiver<Event>, tx: &Sender<Event>) -> i32 {
+        let mut shutting_down = false;
+        let mut failed = false;
+        loop {
+            let now = Instant::now();
+            // Due restarts and overdue stops.
+            for (i, vm) in vms.iter_mut().enumerate() {
+                if let State::Waiting(at) = vm.state {
+                    if at <= now && !shutting_down {
+                        self.start(vm, i, tx);
+                    }
+                }
+                if let (State::Running { pid, .. }, Some(t)) = (&vm.state, vm.stopping) {
+                    if now.duration_since(t) > STOP_GRACE {
+                        send_signal(*pid, libc::SIGKILL);
+                    }
+                }
+            }
+            let active = vms
+                .iter()
+                .any(|v| matches!(v.state, State::Running { .. } | State::Waiting(_)));
+            let held = vms
+                .iter()
+                .any(|v| v.last_exit.as_deref() == Some("stopped by request"));
+            if shutting_down && !vms.iter().any(|v| matches!(v.state, State::Running { .. })) {
+                eprintln!("tandem: every VM is stopped");
+                return 0;
+            }
+            if !active && !held && !shutting_down {
+                eprintln!("tandem: no VM is left running");
+                return i32::from(failed);
+            }
+            let next = vms
+                .iter()
+                .filter_map(|v| match v.state {
+                    State::Waiting(at) => Some(at),
+                    _ => None,
+                })
+                .min()
+                .map_or(Duration::from_millis(500), |at| {
+                    at.saturating_duration_since(now)
+                        .min(Duration::from_millis(500))
+                });
+            let event = match rx.recv_timeout(next) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return 1,
+            };
+            match event {
+                Event::Signal(sig) => {
+                    eprintln!("tandem: signal {sig}: stopping every VM");
+                    shutting_down = true;
+                    vms.iter_mut().for_each(Self::stop);
+                }
+                Event::Exited {
+                    vm,
+                    generation,
+                    status,
+                } => {
+                    let Some(v) = vms.get_mut(vm) else { continue };
+                    if v.generation != generation {
+                        continue;
+                    }
+                    let requested = v.stopping.is_some();
+                    let ending = if requested {
+                        Ending::Requested
+                    } else {
+                        Ending::from_status(status.code())
+                    };
+                    v.last_exit = Some(if requested {
+                        "stopped by request".into()
+                    } else {
+                        describe(status)
+                    });
+                    v.stopping = None;
+                    v.state = State::Stopped;
+                    if v.restart_after_stop && !shutting_down {
+                        v.restart_after_stop = false;
+                        v.tracker.reset();
+                        v.last_exit = Some("restarted by request".into());
+                        self.start(v, vm, tx);
+                        continue;
+                    }
+                    if shutting_down {
+                        continue;
+                    }
+                    let policy = v.plan.restart;
+                    match v.tracker.decide(policy, ending, Instant::now()) {
+                        Decision::Stay => {
+                            if ending == Ending::Failure {
+                                failed = true;
+                            }
+                            eprintln!(
+                                "tandem: vm '{}' ended: {}",
+                                v.plan.name,
+                                v.last_exit.as_deref().unwrap_or("")
+                            );
+                        }
+                        Decision::Restart(d) => {
+                            eprintln!(
+                                "tandem: vm '{}' ended: {}; restarting in {:.1} s (restart {})",
+                                v.plan.name,
+                                v.last_exit.as_deref().unwrap_or(""),
+                                d.as_secs_f64(),
+                                v.tracker.restarts
+                            );
+                            v.state = State::Waiting(Instant::now() + d);
+                        }
+                        Decision::CrashLoop => {
+                            failed = true;
+                            eprintln!(
+                                "tandem: vm '{}' ended: {}; it keeps failing ({} restarts in {} s), so it is left stopped",
+                                v.plan.name,
+                                v.last_exit.as_deref().unwrap_or(""),
+                                crate::restart::MAX_RESTARTS,
+                                crate::restart::WINDOW.as_secs()
+                            );
+                            v.state = State::CrashLoop;
+                        }
+                    }
+                }
+                Event::Command(req, reply) => {
+                    let mut resp = Response {
+                        ok: true,
+                        ..Default::default()
+                    };
+                    let find =
+                        |vms: &mut [Vm], name: &str| vms.iter().position(|v| v.plan.name == name);
+                    match &req {
+                        Request::Ps => {}
+                        Request::Down => {
+                            shutting_down = true;
+                            vms.iter_mut().for_each(Self::stop);
+                        }
+                        Request::Stop { vm } | Request::Restart { vm } => match find(vms, vm) {
+                            None => {
+                                resp.ok = false;
+                                resp.error = Some(format!("no VM named '{vm}'"));
+                            }
+                            Some(i) => {
+                                let v = &mut vms[i];
+                                if matches!(req, Request::Restart { .. }) {
+                                    if matches!(v.state, State::Running { .. }) {
+                                        v.restart_after_stop = true;
+                                        Self::stop(v);
+                                    } else {
+                                        v.tracker.reset();
+                                        self.start(v, i, tx);
+                                    }
+                                } else {
+                                    Self::stop(v);
+                                    v.last_exit = Some("stopped by request".into());
+                                }
+                            }
+                        },
+                    }
+                    resp.vms = vms.iter().map(Self::status).collect();
+                    let _ = reply.send(resp);
+                }
+            }
+        }
+    }
+}
+
+/// Copies a VM's output, line by line, to its log and (prefixed) to the terminal.
+fn relay(stream: Box<dyn std::io::Read + Send>, mut log: Option<File>, name: &str, is_err: bool) {
+    let reader = BufReader::new(stream);
+    for line in reader.split(b'\n').map_while(Result::ok) {
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches('\r');
+        if let Some(log) = log.as_mut() {
+            let _ = writeln!(log, "{text}");
+        }
+        if is_err {
+            eprintln!("{name:>10} | {text}");
+        } else {
+            println!("{name:>10} | {text}");
+        }
+    }
+}
+
+fn wait_signals(tx: Sender<Event>) {
+    // SAFETY: sigwait on a set built here; the signals are blocked in every thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        loop {
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) == 0 && tx.send(Event::Signal(sig)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn serve(listener: UnixListener, tx: Sender<Event>) {
+    for stream in listener.incoming().map_while(Result::ok) {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let Ok(mut w) = stream.try_clone() else {
+                return;
+            };
+            if BufReader::new(stream).read_line(&mut line).is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let (rtx, rrx) = mpsc::channel();
+                    if tx.send(Event::Command(req, rtx)).is_err() {
+                        return;
+                    }
+                    rrx.recv().unwrap_or_default()
+                }
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    vms: Vec::new(),
+                },
+            };
+            if let Ok(mut text) = serde_json::to_string(&resp) {
+                text.push('\n');
+                let _ = w.write_all(text.as_bytes());
+            }
+        });
+    }
+}
+
+/// Takes every lock `plan` needs on host CPUs in `lock_dir`: exclusive for realtime VMs,
+/// shared for the others, so two `tandem up`s cannot put a realtime VM on a CPU the other uses.
+/// The locks last as long as the returned files.
+pub fn lock_cpus(lock_dir: &Path, vms: &[VmPlan]) -> Result<Vec<File>, String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(lock_dir)
+        .map_err(|e| format!("cannot create {}: {e}", lock_dir.display()))?;
+    let _ = std::fs::set_permissions(lock_dir, std::fs::Permissions::from_mode(0o1777));
+    let mut held = Vec::new();
+    for vm in vms {
+        for &cpu in &vm.cpus {
+            let path = lock_dir.join(format!("cpu{cpu}"));
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o666));
+            let op = if vm.role == Role::Realtime {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            };
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+                return Err(if vm.role == Role::Realtime {
+                    format!("vm '{}': CPU {cpu} is in use by a VM of another tandem up, and a realtime VM needs it to itself", vm.name)
+                } else {
+                    format!(
+                        "vm '{}': CPU {cpu} belongs to a realtime VM of another tandem up",
+                        vm.name
+                    )
+                });
+            }
+            held.push(f);
+        }
+    }
+    Ok(held)
+}
