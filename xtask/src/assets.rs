@@ -38,6 +38,9 @@ const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_console",
     "virtio_rng",
+    // Not loaded by alias: a guest binds it to a channel's ivshmem device (new_id) to take
+    // doorbell interrupts.
+    "uio_pci_generic",
 ];
 /// The kernel flavours, by metapackage, and the name each `vmlinuz` gets under `/guests`.
 const KERNELS: &[(&str, &str)] = &[

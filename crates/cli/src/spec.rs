@@ -115,10 +115,11 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, SpecError> {
     Ok(cfg)
 }
 
-/// Parses `--channel path=FILE,size=SIZE[,id=N]`.
+/// Parses `--channel path=FILE,size=SIZE[,id=N][,doorbells=FD/FD/...]`.
 pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError> {
-    const KEYS: &[&str] = &["path", "size", "id"];
+    const KEYS: &[&str] = &["path", "size", "id", "doorbells"];
     let (mut path, mut size, mut id) = (None, None, 0u16);
+    let mut doorbells = Vec::new();
     for (k, v) in pairs(spec, KEYS)? {
         match k.as_str() {
             "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
@@ -138,6 +139,17 @@ pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError>
                     expected: "a peer ID from 0 to 65535",
                 })?
             }
+            "doorbells" => {
+                doorbells = v
+                    .split('/')
+                    .map(str::parse)
+                    .collect::<Result<Vec<i32>, _>>()
+                    .map_err(|_| SpecError::BadValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                        expected: "eventfd descriptors, one per peer: FD/FD/...",
+                    })?
+            }
             _ => return Err(SpecError::Missing("path")),
         }
     }
@@ -145,6 +157,7 @@ pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError>
         path: path.ok_or(SpecError::Missing("path"))?,
         size: size.ok_or(SpecError::Missing("size"))?,
         peer_id: id,
+        doorbells,
     })
 }
 

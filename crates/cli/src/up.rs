@@ -137,7 +137,22 @@ pub fn up(args: UpArgs) -> ExitCode {
             EXIT_USAGE,
         );
     }
-    let (vms, channels) = plan(&config, &state, &Host::current().cpus);
+    // One doorbell eventfd per channel member, inherited by every VM process (not
+    // close-on-exec); they live as long as the supervisor, so restarted VMs find them again.
+    let mut doorbells = Vec::new();
+    for ch in &config.channels {
+        let mut fds = Vec::new();
+        for _ in ch.members.get_ref() {
+            // SAFETY: eventfd creates a new descriptor, owned by this process until it exits.
+            let fd = unsafe { libc::eventfd(0, 0) };
+            if fd < 0 {
+                return fail(format!("eventfd: {}", std::io::Error::last_os_error()), 1);
+            }
+            fds.push(fd);
+        }
+        doorbells.push(fds);
+    }
+    let (vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
     let _cpu_locks = match supervisor::lock_cpus(&lock_dir(), &vms) {
         Ok(l) => l,
         Err(e) => return fail(e, EXIT_USAGE),
@@ -153,6 +168,7 @@ pub fn up(args: UpArgs) -> ExitCode {
             path: c.path.clone(),
             size: c.size,
             peer_id: 0,
+            doorbells: Vec::new(),
         };
         if let Err(e) = cfg.open() {
             cleanup(&channels);

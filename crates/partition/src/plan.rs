@@ -42,12 +42,14 @@ fn list(cpus: &[u32]) -> String {
         .join(",")
 }
 
-/// The plan for every VM and channel of `config`; channel files go in `state_dir`, and every
-/// VM's non-vCPU threads stay off the CPUs of all realtime VMs (out of `host_cpus`).
+/// The plan for every VM and channel of `config`; channel files go in `state_dir`, every VM's
+/// non-vCPU threads stay off the CPUs of all realtime VMs (out of `host_cpus`), and channel `c`
+/// gets the doorbell eventfds `doorbells[c]` (one per member, in member order) when given.
 pub fn plan(
     config: &Config,
     state_dir: &Path,
     host_cpus: &BTreeSet<u32>,
+    doorbells: &[Vec<i32>],
 ) -> (Vec<VmPlan>, Vec<ChannelPlan>) {
     let rt_cpus: BTreeSet<u32> = config
         .vms
@@ -108,12 +110,15 @@ pub fn plan(
             for f in &vm.forwards {
                 a.extend(["--forward".into(), f.get_ref().clone()]);
             }
-            for (ch, spec) in channels.iter().zip(&config.channels) {
+            for (c, (ch, spec)) in channels.iter().zip(&config.channels).enumerate() {
                 if let Some(id) = spec.members.get_ref().iter().position(|m| m == name) {
-                    a.extend([
-                        "--channel".into(),
-                        format!("path={},size={}K,id={id}", ch.path.display(), ch.size >> 10),
-                    ]);
+                    let mut arg =
+                        format!("path={},size={}K,id={id}", ch.path.display(), ch.size >> 10);
+                    if let Some(fds) = doorbells.get(c).filter(|f| !f.is_empty()) {
+                        let list: Vec<String> = fds.iter().map(i32::to_string).collect();
+                        arg.push_str(&format!(",doorbells={}", list.join("/")));
+                    }
+                    a.extend(["--channel".into(), arg]);
                 }
             }
             VmPlan {
@@ -163,19 +168,19 @@ size = "1M"
 members = ["gp", "rt"]
 "#;
         let c = Config::parse(Path::new("p.toml"), text.into()).unwrap();
-        let (vms, chans) = plan(&c, Path::new("/run/t"), &(0..4).collect());
+        let (vms, chans) = plan(&c, Path::new("/run/t"), &(0..4).collect(), &[vec![7, 8]]);
         assert_eq!(chans[0].path, PathBuf::from("/run/t/channel-c"));
         assert_eq!(
             vms[0].args.join(" "),
             "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \
              --pin-cpus 3 --serial stdio --realtime --housekeeping-cpus 0,1,2 --lock-memory \
-             --channel path=/run/t/channel-c,size=1024K,id=1"
+             --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
         );
         assert_eq!(
             vms[1].args.join(" "),
             "run --kernel /k --memory 1048576K --pin-cpus 0,1 --serial stdio \
              --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on --net user \
-             --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0"
+             --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0,doorbells=7/8"
         );
     }
 }

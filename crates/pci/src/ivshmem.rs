@@ -18,7 +18,9 @@
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 
-use crate::config::{Bar, BarKind, ConfigError, PciConfig, PciId};
+use crate::config::{
+    Bar, BarKind, ConfigError, PciConfig, PciId, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT,
+};
 use crate::root::PciDevice;
 
 /// Size of the register BAR.
@@ -45,13 +47,21 @@ pub struct Ivshmem {
     peer_id: u16,
     intr_mask: u32,
     intr_status: u32,
+    doorbell: bool,
 }
 
 impl Ivshmem {
     /// An ivshmem device for peer `peer_id`, its registers at `regs` (256-byte aligned) and the
-    /// shared memory of `shm_size` bytes (a power of two) at `shm`.
-    pub fn new(peer_id: u16, regs: u64, shm: u64, shm_size: u64) -> Result<Self, ConfigError> {
-        let mut config = PciConfig::new(IVSHMEM_ID, 0);
+    /// shared memory of `shm_size` bytes (a power of two) at `shm`. With `doorbell`, it has an
+    /// INTx pin (INTA) that peers' doorbells raise.
+    pub fn new(
+        peer_id: u16,
+        regs: u64,
+        shm: u64,
+        shm_size: u64,
+        doorbell: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut config = PciConfig::new(IVSHMEM_ID, u8::from(doorbell));
         config.add_bar(Bar {
             index: 0,
             kind: BarKind::Memory32,
@@ -64,12 +74,27 @@ impl Ivshmem {
             addr: shm,
             size: shm_size,
         })?;
-        Ok(Ivshmem {
+        let mut dev = Ivshmem {
             config,
             peer_id,
             intr_mask: 0,
             intr_status: 0,
-        })
+            doorbell,
+        };
+        dev.update_status();
+        Ok(dev)
+    }
+
+    /// The interrupt-status bit of the PCI status register. Doorbells reach the guest through
+    /// KVM (an irqfd), never through this model, so the device cannot know whether one is
+    /// pending; it reports "pending" whenever INTx is enabled. That is what a driver using INTx
+    /// masking needs (`uio_pci_generic`: its handler masks INTx when the bit is set, and user
+    /// space unmasks it before it waits again); a spurious interrupt then counts as an event,
+    /// which such drivers' users must tolerate anyway.
+    fn update_status(&mut self) {
+        let enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
+        self.config
+            .set_device_bits(STATUS, STATUS_INTERRUPT as u8, self.doorbell && enabled);
     }
 
     /// Reads a BAR0 register.
@@ -112,6 +137,9 @@ impl PciDevice for Ivshmem {
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
+    fn config_written(&mut self, _offset: usize, _len: usize) {
+        self.update_status();
+    }
 }
 
 impl MutDeviceMmio for Ivshmem {
@@ -126,10 +154,11 @@ impl MutDeviceMmio for Ivshmem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::COMMAND;
 
     #[test]
     fn config_space_is_what_ivshmem_drivers_look_for() {
-        let d = Ivshmem::new(3, 0xe000_0000, 0xe100_0000, 1 << 20).unwrap();
+        let d = Ivshmem::new(3, 0xe000_0000, 0xe100_0000, 1 << 20, false).unwrap();
         let c = d.config();
         assert_eq!(c.read_u32(0), 0x1110_1af4);
         assert_eq!(c.read_u32(8) >> 8, 0x05_00_00);
@@ -140,7 +169,7 @@ mod tests {
 
     #[test]
     fn registers() {
-        let mut d = Ivshmem::new(3, 0xe000_0000, 0xe100_0000, 1 << 20).unwrap();
+        let mut d = Ivshmem::new(3, 0xe000_0000, 0xe100_0000, 1 << 20, false).unwrap();
         let mut b = [0u8; 4];
         d.read_reg(IV_POSITION, &mut b);
         assert_eq!(u32::from_le_bytes(b), 3);
@@ -162,7 +191,27 @@ mod tests {
     }
 
     #[test]
+    fn with_a_doorbell_intx_reads_pending_while_enabled_as_uio_pci_generic_needs() {
+        let mut d = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, true).unwrap();
+        let status = |d: &Ivshmem| (d.config().read_u32(COMMAND) >> 16) as u16;
+        assert_eq!(d.config().read_u32(0x3c) >> 8 & 0xff, 1, "INTA");
+        assert_ne!(status(&d) & STATUS_INTERRUPT, 0);
+        // The handler masks INTx: no longer pending, so user space can unmask it.
+        d.config_mut()
+            .write(COMMAND, &(COMMAND_INTX_DISABLE | 2).to_le_bytes());
+        d.config_written(COMMAND, 2);
+        assert_eq!(status(&d) & STATUS_INTERRUPT, 0);
+        d.config_mut().write(COMMAND, &2u16.to_le_bytes());
+        d.config_written(COMMAND, 2);
+        assert_ne!(status(&d) & STATUS_INTERRUPT, 0);
+        // Without a doorbell there is no pin and nothing pending.
+        let plain = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, false).unwrap();
+        assert_eq!(plain.config().read_u32(0x3c) >> 8 & 0xff, 0);
+        assert_eq!(status(&plain) & STATUS_INTERRUPT, 0);
+    }
+
+    #[test]
     fn the_shared_memory_must_be_a_power_of_two() {
-        assert!(Ivshmem::new(0, 0xe000_0000, 0xe100_0000, 3 << 20).is_err());
+        assert!(Ivshmem::new(0, 0xe000_0000, 0xe100_0000, 3 << 20, false).is_err());
     }
 }

@@ -129,6 +129,20 @@ fn pci_root() -> Vec<u8> {
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&buses, &config, &window]);
+    // _PRT: INTA of every slot to its GSI (level-triggered, active low, as PCI INTx is).
+    let entries: Vec<(u32, u32)> = (1..32)
+        .map(|slot| {
+            (
+                (slot as u32) << 16 | 0xffff,
+                crate::layout::pci_intx_gsi(slot),
+            )
+        })
+        .collect();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, gsi)| aml::Package::new(vec![addr, &0u8, &0u8, gsi]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
     let hid = aml::EISAName::new("PNP0A03");
     let names = [
         aml::Name::new("_HID".into(), &hid),
@@ -137,6 +151,7 @@ fn pci_root() -> Vec<u8> {
         aml::Name::new("_UID".into(), &aml::ZERO),
         aml::Name::new("_BBN".into(), &aml::ZERO),
         aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
     ];
     let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
     to_bytes(&aml::Device::new("_SB_.PCI0".into(), children))

@@ -46,8 +46,16 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// GSI of the first virtio device; the next ones follow (COM1 has 4, the PIT 0).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Most virtio devices: one IOAPIC pin each, from [`VIRTIO_IRQ_BASE`] to pin 23.
-pub const VIRTIO_MAX_DEVICES: usize = 24 - VIRTIO_IRQ_BASE as usize;
+/// GSIs of PCI INTx: slot s's INTA is `PCI_INTX_GSI_BASE + s % 4` (announced in `_PRT`).
+pub const PCI_INTX_GSI_BASE: u32 = 20;
+/// Most virtio-mmio devices: one IOAPIC pin each, from [`VIRTIO_IRQ_BASE`] up to the PCI INTx
+/// pins.
+pub const VIRTIO_MAX_DEVICES: usize = (PCI_INTX_GSI_BASE - VIRTIO_IRQ_BASE) as usize;
+
+/// The GSI of PCI slot `slot`'s INTA.
+pub fn pci_intx_gsi(slot: usize) -> u32 {
+    PCI_INTX_GSI_BASE + (slot % 4) as u32
+}
 /// Start of the window where tandem places PCI BARs (announced in the PCI root's `_CRS`).
 pub const PCI_MMIO_START: u64 = 0xe000_0000;
 /// End (exclusive) of the PCI BAR window.

@@ -4,6 +4,7 @@
 //! BAR2 a KVM memory slot over the shared object, so data needs no exit at all).
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +40,10 @@ pub struct ChannelConfig {
     pub size: u64,
     /// This VM's peer ID on the channel (the guest reads it from IVPosition).
     pub peer_id: u16,
+    /// Doorbell eventfds (inherited descriptors), indexed by peer ID: this VM's own is its
+    /// interrupt (an irqfd), the others' are rung by writes of `peer << 16` to the Doorbell
+    /// register (ioeventfds). Empty: no doorbells, no interrupt pin.
+    pub doorbells: Vec<i32>,
 }
 
 /// Why a channel could not be attached.
@@ -70,12 +75,45 @@ pub enum ChannelError {
         /// Why.
         source: std::io::Error,
     },
+    /// The doorbell descriptors do not fit the peer ID, or are not open.
+    #[error("channel {}: doorbells: {why}", .path.display())]
+    Doorbells {
+        /// The object.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The channels do not fit the PCI window.
     #[error("the channels need more than the {} MiB of PCI address space", (PCI_MMIO_END - PCI_MMIO_START) >> 20)]
     NoSpace,
 }
 
 impl ChannelConfig {
+    /// Checks that the doorbell descriptors cover this VM's peer ID and are open.
+    pub fn check_doorbells(&self) -> Result<(), ChannelError> {
+        if self.doorbells.is_empty() {
+            return Ok(());
+        }
+        let bad = |why: String| ChannelError::Doorbells {
+            path: self.path.clone(),
+            why,
+        };
+        if usize::from(self.peer_id) >= self.doorbells.len() {
+            return Err(bad(format!(
+                "{} given, none for peer {}",
+                self.doorbells.len(),
+                self.peer_id
+            )));
+        }
+        for &fd in &self.doorbells {
+            // SAFETY: F_GETFD only inspects the descriptor table.
+            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(bad(format!("descriptor {fd} is not open")));
+            }
+        }
+        Ok(())
+    }
+
     /// Opens (creating it when missing) the shared object, checking its size.
     pub fn open(&self) -> Result<File, ChannelError> {
         if !self.size.is_power_of_two() || self.size < MIN_CHANNEL_SIZE {
@@ -143,6 +181,8 @@ pub struct PciDevices {
     routes: Arc<GsiRoutes>,
     /// Shared mappings that must outlive every vCPU.
     mappings: Vec<Arc<MmapRegion>>,
+    /// Doorbell eventfds registered with KVM.
+    doorbells: Vec<EventFd>,
 }
 
 impl PciDevices {
@@ -155,6 +195,7 @@ impl PciDevices {
             next_slot: first_free_slot,
             routes,
             mappings: Vec::new(),
+            doorbells: Vec::new(),
         }
     }
 
@@ -232,7 +273,9 @@ impl PciDevices {
             .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         self.next_slot += 1;
         self.mappings.push(region);
-        let dev = Ivshmem::new(channel.peer_id, regs, shm, channel.size)
+        channel.check_doorbells()?;
+        let doorbell = !channel.doorbells.is_empty();
+        let dev = Ivshmem::new(channel.peer_id, regs, shm, channel.size, doorbell)
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
         let dev = Arc::new(Mutex::new(dev));
         bus.add_mmio_shared(regs, REGS_SIZE, dev.clone())?;
@@ -240,6 +283,30 @@ impl PciDevices {
             .root
             .plug(dev)
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        if doorbell {
+            let gsi = crate::layout::pci_intx_gsi(slot);
+            for (peer, &fd) in channel.doorbells.iter().enumerate() {
+                // SAFETY: the supervisor handed this process the descriptor for the VM's
+                // lifetime; it is checked open above and owned from here on.
+                let efd = unsafe { EventFd::from_raw_fd(fd) };
+                if peer == usize::from(channel.peer_id) {
+                    vm.register_irqfd(&efd, gsi)
+                        .map_err(VmError::kvm("KVM_IRQFD"))?;
+                } else {
+                    vm.register_ioevent(
+                        &efd,
+                        &IoEventAddress::Mmio(regs + tandem_pci::ivshmem::DOORBELL),
+                        (peer as u32) << 16,
+                    )
+                    .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
+                }
+                self.doorbells.push(efd);
+            }
+            tracing::info!(
+                "channel {}: doorbells, INTA on GSI {gsi}",
+                channel.path.display()
+            );
+        }
         tracing::info!(
             "channel {} ({} KiB, peer {}): PCI 00:{slot:02x}.0, registers {regs:#x}, memory {shm:#x}",
             channel.path.display(),
@@ -273,6 +340,7 @@ mod tests {
             path: path.clone(),
             size: 1 << 16,
             peer_id: 0,
+            doorbells: Vec::new(),
         };
         c.open().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 16);

@@ -242,6 +242,7 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
     }
     for c in &cfg.channels {
         c.open()?;
+        c.check_doorbells()?;
     }
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.

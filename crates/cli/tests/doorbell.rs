@@ -1,0 +1,73 @@
+//! Channel doorbells under `tandem up`: a process in one guest blocks on the channel's interrupt
+//! (stock `uio_pci_generic`), the other guest writes a message into the shared memory and rings
+//! the doorbell register, and the blocked process wakes and reads the message. The doorbell is a
+//! KVM ioeventfd in the ringing VM wired to a KVM irqfd in the other: neither VMM sees it.
+
+mod common;
+
+use common::{case, exec_cmdline, run_script};
+
+/// Finds the ivshmem device and sets `$regs` (BAR0) and `$shm` (BAR2).
+const FIND: &str = "for d in /sys/bus/pci/devices/*; do \
+     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
+     set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; ";
+
+#[test]
+fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
+    let waiter = exec_cmdline(&format!(
+        "{FIND} modprobe uio_pci_generic; echo 1af4 1110 > /sys/bus/pci/drivers/uio_pci_generic/new_id; \
+         i=0; while [ ! -e /dev/uio0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+         exec 3</dev/uio0; printf '\\001\\000\\000\\000' > /dev/uio0; \
+         devmem $shm 32 0xb0b0b0b0; echo b-waiting; \
+         n=$(dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4); \
+         echo b-woke count=$((n)) msg=$(devmem $((shm + 4)) 32)"
+    ));
+    let ringer = exec_cmdline(&format!(
+        "{FIND} echo a-ivpos=$(devmem $((regs + 8)) 32); i=0; \
+         while [ $(devmem $shm 32) != 0xB0B0B0B0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
+         devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; sleep 3"
+    ));
+    // The waiter's printf needs single quotes: the config uses TOML basic strings for it.
+    let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let script = format!(
+        r#"
+cat >/tmp/d.toml <<'TOML'
+[[vm]]
+name = "a"
+kernel = "/guests/vmlinuz"
+initrd = "/guests/initramfs.cpio.gz"
+cmdline = "{ringer}"
+memory = "256M"
+cpus = [0]
+
+[[vm]]
+name = "b"
+kernel = "/guests/vmlinuz"
+initrd = "/guests/initramfs.cpio.gz"
+cmdline = "{waiter}"
+memory = "256M"
+cpus = [1]
+
+[[channel]]
+name = "bell"
+size = "64K"
+members = ["a", "b"]
+TOML
+timeout 200 tandem up /tmp/d.toml --state-dir /tmp/dst >/tmp/d.out 2>&1
+echo "supervisor-status=$?" >>/tmp/d.out
+record up cat /tmp/d.out
+"#,
+        ringer = toml_basic(&ringer),
+        waiter = toml_basic(&waiter),
+    );
+    let (cases, all) = run_script(&script);
+    let up = &case(&cases, &all, "up").output;
+    assert!(up.contains("a | a-ivpos=0x00000000"), "{up}");
+    assert!(up.contains("b | b-waiting"), "{up}");
+    assert!(up.contains("a | a-rang"), "{up}");
+    assert!(
+        up.contains("b | b-woke count=1 msg=0x600DD00D"),
+        "the blocked process woke with the message:\n{up}"
+    );
+    assert!(up.contains("supervisor-status=0"), "{up}");
+}
