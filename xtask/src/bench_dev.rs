@@ -22,7 +22,7 @@ const QEMU: &str = "qemu-system-x86_64 -M pc -accel kvm -cpu host -m 512M -smp 1
 
 /// Shell lines that pack `files` (paths in the test host, each with the host file whose
 /// libraries it needs) into /tmp/bench.gz: the guest initramfs plus an overlay.
-fn overlay(files: &[(PathBuf, PathBuf)]) -> String {
+pub(crate) fn overlay(files: &[(PathBuf, PathBuf)]) -> String {
     let mut all = BTreeSet::new();
     for (guest, host) in files {
         all.insert(guest.clone());
@@ -110,7 +110,7 @@ pub fn run_testbed(script: &str, carry: &[PathBuf], timeout: u32) -> Result<Stri
 }
 
 /// `RESULT <vmm> <key>=<value>...` lines, by VMM, in order of appearance.
-fn results(out: &str) -> Vec<(String, Vec<(String, f64)>)> {
+pub(crate) fn results(out: &str) -> Vec<(String, Vec<(String, f64)>)> {
     let mut rows: Vec<(String, Vec<(String, f64)>)> = Vec::new();
     for l in out.lines() {
         let mut w = l.split_whitespace();
@@ -132,7 +132,7 @@ fn results(out: &str) -> Vec<(String, Vec<(String, f64)>)> {
     rows
 }
 
-fn print_table(rows: &[(String, Vec<(String, f64)>)], keys: &[&str], base: &str) {
+pub(crate) fn print_table(rows: &[(String, Vec<(String, f64)>)], keys: &[&str], base: &str) {
     let get = |vmm: &str, k: &str| {
         rows.iter()
             .find(|(n, _)| n == vmm)

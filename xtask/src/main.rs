@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod bench_chan;
 mod bench_dev;
 mod cpio;
 mod modules;
@@ -62,7 +63,8 @@ fn main() {
             Some("boot") => bench::boot(&root),
             Some("net") => bench_dev::net(&root),
             Some("blk") => bench_dev::blk(&root),
-            _ => usage_error("bench: which? (boot, net, blk)"),
+            Some("channel") => bench_chan::channel(&root),
+            _ => usage_error("bench: which? (boot, net, blk, channel)"),
         },
         Some("bench-run") => bench::run_one(&args[1..]),
         Some("-h" | "--help") => return help(),

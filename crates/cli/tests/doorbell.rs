@@ -17,7 +17,7 @@ fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
     let waiter = exec_cmdline(&format!(
         "{FIND} modprobe uio_pci_generic; echo 1af4 1110 > /sys/bus/pci/drivers/uio_pci_generic/new_id; \
          i=0; while [ ! -e /dev/uio0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
-         exec 3</dev/uio0; printf '\\001\\000\\000\\000' > /dev/uio0; \
+         exec 3</dev/uio0; \
          devmem $shm 32 0xb0b0b0b0; echo b-waiting; \
          n=$(dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4); \
          echo b-woke count=$((n)) msg=$(devmem $((shm + 4)) 32)"
@@ -27,7 +27,7 @@ fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
          while [ $(devmem $shm 32) != 0xB0B0B0B0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
          devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; sleep 3"
     ));
-    // The waiter's printf needs single quotes: the config uses TOML basic strings for it.
+    // The config holds the command lines as TOML basic strings.
     let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let script = format!(
         r#"

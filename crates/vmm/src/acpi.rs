@@ -129,18 +129,17 @@ fn pci_root() -> Vec<u8> {
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&buses, &config, &window]);
-    // _PRT: INTA of every slot to its GSI (level-triggered, active low, as PCI INTx is).
-    let entries: Vec<(u32, u32)> = (1..32)
-        .map(|slot| {
-            (
-                (slot as u32) << 16 | 0xffff,
-                crate::layout::pci_intx_gsi(slot),
-            )
-        })
+    // _PRT: INTA of every slot to one of four link devices (LNK0-LNK3), which hold the GSIs as
+    // edge-triggered, active-high interrupts: INTx here is raised by KVM irqfds, which pulse the
+    // line, and an edge is never lost while an earlier interrupt is in service.
+    let links: Vec<aml::Path> = (0..4)
+        .map(|i| aml::Path::new(&format!("\\_SB_.LNK{i}")))
         .collect();
-    let packages: Vec<aml::Package> = entries
+    let addrs: Vec<u32> = (1..32u32).map(|slot| slot << 16 | 0xffff).collect();
+    let packages: Vec<aml::Package> = addrs
         .iter()
-        .map(|(addr, gsi)| aml::Package::new(vec![addr, &0u8, &0u8, gsi]))
+        .enumerate()
+        .map(|(i, addr)| aml::Package::new(vec![addr, &0u8, &links[(i + 1) % 4], &0u8]))
         .collect();
     let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
     let hid = aml::EISAName::new("PNP0A03");
@@ -154,7 +153,32 @@ fn pci_root() -> Vec<u8> {
         aml::Name::new("_PRT".into(), &prt),
     ];
     let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
-    to_bytes(&aml::Device::new("_SB_.PCI0".into(), children))
+    let mut out = to_bytes(&aml::Device::new("_SB_.PCI0".into(), children));
+    for i in 0..4u32 {
+        out.extend_from_slice(&pci_link(i));
+    }
+    out
+}
+
+/// PCI interrupt link `LNKi` (`PNP0C0F`): fixed at GSI `PCI_INTX_GSI_BASE + i`, edge-triggered,
+/// active high; `_SRS` accepts the one setting there is.
+fn pci_link(i: u32) -> Vec<u8> {
+    let gsi = crate::layout::PCI_INTX_GSI_BASE + i;
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let prs = aml::ResourceTemplate::new(vec![&irq]);
+    let hid = aml::EISAName::new("PNP0C0F");
+    let uid = i + 1;
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &uid);
+    let name_prs = aml::Name::new("_PRS".into(), &prs);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let srs = aml::Method::new("_SRS".into(), 1, false, vec![]);
+    let children: Vec<&dyn Aml> = vec![&name_hid, &name_uid, &name_prs, &name_crs, &srs];
+    to_bytes(&aml::Device::new(
+        format!("_SB_.LNK{i}").as_str().into(),
+        children,
+    ))
 }
 
 fn dsdt(virtio: &[VirtioSlot], pci: bool) -> Vec<u8> {
