@@ -567,3 +567,58 @@ pub fn lock_cpus(lock_dir: &Path, vms: &[VmPlan]) -> Result<Vec<File>, String> {
     }
     Ok(held)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Restart;
+
+    fn vm(name: &str, role: Role, cpus: &[u32]) -> VmPlan {
+        VmPlan {
+            name: name.into(),
+            args: Vec::new(),
+            role,
+            cpus: cpus.to_vec(),
+            restart: Restart::Never,
+            lock_memory: false,
+            hugepages: false,
+        }
+    }
+
+    #[test]
+    fn cpu_locks_keep_two_supervisors_apart() {
+        let dir = std::env::temp_dir().join(format!("tandem-locks-test-{}", std::process::id()));
+        // Each call opens its own files, as another tandem up would.
+        let first = lock_cpus(
+            &dir,
+            &[vm("rt", Role::Realtime, &[0]), vm("g", Role::General, &[1])],
+        )
+        .unwrap();
+        let e = lock_cpus(&dir, &[vm("x", Role::General, &[0])]).unwrap_err();
+        assert_eq!(
+            e,
+            "vm 'x': CPU 0 belongs to a realtime VM of another tandem up"
+        );
+        let e = lock_cpus(&dir, &[vm("y", Role::Realtime, &[1])]).unwrap_err();
+        assert_eq!(
+            e,
+            "vm 'y': CPU 1 is in use by a VM of another tandem up, and a realtime VM needs it to itself"
+        );
+        // General VMs may share a CPU across supervisors.
+        let shared = lock_cpus(&dir, &[vm("z", Role::General, &[1])]).unwrap();
+        drop((first, shared));
+        // Once the first supervisor is gone, its CPUs are free.
+        lock_cpus(&dir, &[vm("w", Role::Realtime, &[0])]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn exit_statuses_read_as_people_say_them() {
+        use std::os::unix::process::ExitStatusExt;
+        let s = |raw: i32| std::process::ExitStatus::from_raw(raw);
+        assert_eq!(describe(s(0)), "powered off");
+        assert_eq!(describe(s(3 << 8)), "guest kernel panic (status 3)");
+        assert_eq!(describe(s(143 << 8)), "stopped by signal 15 (status 143)");
+        assert_eq!(describe(s(9)), "killed by signal 9");
+    }
+}

@@ -1,0 +1,91 @@
+//! 10,000 round trips through a channel between two guests under `tandem up` complete, and
+//! tandem's user-space exits do not grow with them: the shared memory is a KVM memory slot, so
+//! the exchange never leaves the guests.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{case, run_script_with, shared_libs};
+
+const ROUNDS: u32 = 10_000;
+
+fn config(name: &str, rounds: u32, bench: &str) -> String {
+    let vm = |role: &str, cpu: u32| {
+        format!(
+            "[[vm]]\nname = \"{role}\"\nkernel = \"/guests/vmlinuz\"\ninitrd = \"/tmp/pp.gz\"\n\
+             cmdline = \"console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\\\"{bench} {role} poll {rounds} 0\\\"\"\n\
+             memory = \"256M\"\ncpus = [{cpu}]\n"
+        )
+    };
+    format!(
+        "cat >/tmp/{name}.toml <<'TOML'\n{}{}[[channel]]\nname = \"c\"\nsize = \"64K\"\nmembers = [\"a\", \"b\"]\nTOML\n",
+        vm("a", 0),
+        vm("b", 1)
+    )
+}
+
+#[test]
+fn ten_thousand_round_trips_cost_no_exits() {
+    let bench = std::fs::canonicalize(format!(
+        "{}/../../target/release/chan-bench",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("chan-bench is built by cargo xtask test")
+    .display()
+    .to_string();
+    let libs = shared_libs(&bench);
+    // The guest gets chan-bench and its libraries in an initramfs appended to the usual one.
+    let mut entries = BTreeSet::new();
+    for f in std::iter::once(&bench).chain(&libs) {
+        let mut p = std::path::Path::new(f);
+        entries.insert(p.to_path_buf());
+        while let Some(parent) = p.parent().filter(|d| *d != std::path::Path::new("/")) {
+            entries.insert(parent.to_path_buf());
+            p = parent;
+        }
+    }
+    let list: Vec<String> = entries
+        .iter()
+        .map(|p| p.display().to_string().trim_start_matches('/').to_string())
+        .collect();
+    let script = format!(
+        r#"
+(cd / && printf '%s\n' {list} | cpio -o -H newc 2>/dev/null | gzip -1 >/tmp/overlay.gz)
+cat /guests/initramfs.cpio.gz /tmp/overlay.gz >/tmp/pp.gz
+exits() {{ grep -o 'vcpu[0-9]*: [0-9]* exits' "$1" | awk '{{s+=$2}} END {{print s+0}}'; }}
+{idle}{busy}
+TANDEM_LOG=info timeout 300 tandem up /tmp/idle.toml --state-dir /tmp/s1 >/tmp/idle.out 2>&1
+TANDEM_LOG=info timeout 300 tandem up /tmp/busy.toml --state-dir /tmp/s2 >/tmp/busy.out 2>&1
+i=$(exits /tmp/idle.out); b=$(exits /tmp/busy.out)
+record result sh -c "echo idle-exits=$i busy-exits=$b; grep -o 'chan-bench mode=.*' /tmp/busy.out"
+"#,
+        list = list.join(" "),
+        idle = config("idle", 0, &bench),
+        busy = config("busy", ROUNDS, &bench),
+    );
+    let mut with = vec![bench.as_str()];
+    with.extend(libs.iter().map(String::as_str));
+    let (cases, all) = run_script_with(&script, &with);
+    let r = &case(&cases, &all, "result").output;
+    assert!(
+        r.contains(&format!("chan-bench mode=poll rounds={ROUNDS} ")),
+        "the round trips completed:\n{r}"
+    );
+    let num = |k: &str| -> f64 {
+        r.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (idle, busy) = (num("idle-exits="), num("busy-exits="));
+    assert!(idle > 0.0, "exit counts are logged:\n{r}");
+    let per_round_trip = (busy - idle) / f64::from(ROUNDS);
+    eprintln!(
+        "exits: idle {idle}, with {ROUNDS} round trips {busy} ({per_round_trip:.3} per round trip)"
+    );
+    // Boots differ by a few dozen exits; one exit per hundred round trips would be 100.
+    assert!(
+        per_round_trip < 0.01,
+        "exits grew with the round trips: idle {idle}, busy {busy}"
+    );
+}
