@@ -18,6 +18,10 @@ use crate::EXIT_USAGE;
 pub struct UpArgs {
     /// The partition config (TOML).
     file: PathBuf,
+    /// Run the supervisor in the background (its messages and the VMs' output then go to
+    /// DIR/supervisor.log); returns once every VM has started, or with the error that stopped it.
+    #[arg(long)]
+    detach: bool,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -108,7 +112,85 @@ fn check_memlock(config: &tandem_partition::Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Starts `tandem up` again in a new session with its output in DIR/supervisor.log, and waits
+/// until its control socket answers (it runs) or it exits (it failed).
+fn detach(args: &UpArgs) -> ExitCode {
+    let state = args.state.dir();
+    if let Err(e) = std::fs::create_dir_all(&state)
+        .and_then(|()| std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)))
+    {
+        return fail(format!("cannot use {}: {e}", state.display()), 1);
+    }
+    let socket = state.join("control.sock");
+    if control::send(&socket, &Request::Ps).is_ok() {
+        return fail(
+            format!(
+                "another tandem up is running with state directory {} (use --state-dir)",
+                state.display()
+            ),
+            EXIT_USAGE,
+        );
+    }
+    let log_path = state.join("supervisor.log");
+    let log = match std::fs::File::create(&log_path) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot create {}: {e}", log_path.display()), 1),
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find the tandem executable: {e}"), 1),
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("up")
+        .arg(&args.file)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(std::process::Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_or(std::process::Stdio::null(), Into::into),
+        )
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the supervisor leaves the terminal's session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the supervisor: {e}"), 1),
+    };
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("tandem: "))
+                .unwrap_or("tandem: the supervisor ended")
+                .to_string();
+            eprintln!("{line}");
+            return ExitCode::from(status.code().map_or(1, |c| c.clamp(1, 255) as u8));
+        }
+        if control::send(&socket, &Request::Ps).is_ok() {
+            eprintln!(
+                "tandem: supervisor running in the background (pid {}); log {}",
+                child.id(),
+                log_path.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 pub fn up(args: UpArgs) -> ExitCode {
+    if args.detach {
+        return detach(&args);
+    }
     supervisor::block_signals();
     let config = match crate::check::load_and_check(&args.file) {
         Ok(c) => c,

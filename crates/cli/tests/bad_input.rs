@@ -560,3 +560,35 @@ fn up_fails_before_starting_anything_and_ps_needs_a_supervisor() {
     let _ = std::fs::remove_file(cfg);
     let _ = std::fs::remove_dir_all(state);
 }
+
+#[test]
+fn up_refuses_memory_it_could_not_lock() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let cfg = config_file(
+        "memlock",
+        &format!(
+            "[[vm]]\nname = \"rt\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = [0]\nlock_memory = true\n"
+        ),
+    );
+    let _ = std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    // An unprivileged user with a 1 MiB locked-memory limit (setpriv and prlimit: util-linux).
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "prlimit",
+        "--memlock=1048576",
+        "--",
+        env!("CARGO_BIN_EXE_tandem"),
+    ]);
+    let path = cfg.to_str().unwrap();
+    assert_one_clear_line_from(
+        cmd,
+        &["up", path, "--state-dir", "/tmp/tandem-memlock-test"],
+        &[],
+        &format!("{path}:2: vm 'rt': lock_memory needs 64 MiB locked, but the locked-memory limit is 1024 KiB"),
+    );
+    let _ = std::fs::remove_file(cfg);
+}

@@ -1,4 +1,4 @@
-//! Channel doorbells under `tandem up`: a process in one guest blocks on the channel's interrupt
+//! Channel doorbells under `tandem up --detach`: a process in one guest blocks on the channel's interrupt
 //! (stock `uio_pci_generic`), the other guest writes a message into the shared memory and rings
 //! the doorbell register, and the blocked process wakes and reads the message. The doorbell is a
 //! KVM ioeventfd in the ringing VM wired to a KVM irqfd in the other: neither VMM sees it.
@@ -53,9 +53,11 @@ name = "bell"
 size = "64K"
 members = ["a", "b"]
 TOML
-timeout 200 tandem up /tmp/d.toml --state-dir /tmp/dst >/tmp/d.out 2>&1
-echo "supervisor-status=$?" >>/tmp/d.out
-record up cat /tmp/d.out
+# In the background: the command returns once the supervisor answers on its socket.
+record detach tandem up /tmp/d.toml --detach --state-dir /tmp/dst
+# The supervisor ends by itself when both VMs have powered off; its socket goes with it.
+i=0; while [ $i -lt 400 ] && [ -e /tmp/dst/control.sock ]; do sleep 0.5; i=$((i+1)); done
+record up cat /tmp/dst/supervisor.log
 "#,
         ringer = toml_basic(&ringer),
         waiter = toml_basic(&waiter),
@@ -69,5 +71,13 @@ record up cat /tmp/d.out
         up.contains("b | b-woke count=1 msg=0x600DD00D"),
         "the blocked process woke with the message:\n{up}"
     );
-    assert!(up.contains("supervisor-status=0"), "{up}");
+    assert!(up.contains("tandem: no VM is left running"), "{up}");
+    let d = case(&cases, &all, "detach");
+    assert_eq!(d.rc, 0, "{}", d.output);
+    assert!(
+        d.output
+            .contains("tandem: supervisor running in the background (pid "),
+        "{}",
+        d.output
+    );
 }

