@@ -83,9 +83,10 @@ record result sh -c "echo idle-exits=$i busy-exits=$b; grep -o 'chan-bench mode=
     eprintln!(
         "exits: idle {idle}, with {ROUNDS} round trips {busy} ({per_round_trip:.3} per round trip)"
     );
-    // Boots differ by a few dozen exits; one exit per hundred round trips would be 100.
+    // Runs differ by about a hundred exits (boot, and a longer run's timer work); an exchange
+    // that cost exits would cost at least one per round trip: 10,000.
     assert!(
-        per_round_trip < 0.01,
+        per_round_trip < 0.05,
         "exits grew with the round trips: idle {idle}, busy {busy}"
     );
 }
