@@ -91,22 +91,12 @@ pub fn platform_pio(data: &[u8]) {
 /// queue. Covers virtio-queue's chain walking, the MMIO transport, the blk request parser and the
 /// console's receive path.
 pub fn virtio_queue(data: &[u8]) {
-    use tandem_virtio::blk::{Block, BlockConfig, CacheMode, MemDisk};
     use tandem_virtio::testing::{Driver, DATA_BASE};
     let Some((&first, mut rest)) = data.split_first() else {
         return;
     };
     let device: Box<dyn tandem_virtio::VirtioDevice> = if first & 1 == 0 {
-        let cfg = BlockConfig {
-            path: "fuzz".into(),
-            readonly: first & 2 != 0,
-            cache: CacheMode::Writeback,
-            serial: "fuzz".into(),
-        };
-        Box::new(Block::with_backend(
-            Box::new(MemDisk(vec![0; 32 * 512])),
-            &cfg,
-        ))
+        mem_disk(first & 2 != 0)
     } else if first & 2 == 0 {
         Box::new(tandem_virtio::Rng::new())
     } else {
@@ -167,6 +157,21 @@ pub fn virtio_queue(data: &[u8]) {
     }
 }
 
+/// virtio-blk over a 16 KiB in-memory disk, as the fuzz targets drive it.
+fn mem_disk(readonly: bool) -> Box<dyn tandem_virtio::VirtioDevice> {
+    use tandem_virtio::blk::{Block, BlockConfig, CacheMode, MemDisk};
+    let cfg = BlockConfig {
+        path: "fuzz".into(),
+        readonly,
+        cache: CacheMode::Writeback,
+        serial: "fuzz".into(),
+    };
+    Box::new(Block::with_backend(
+        Box::new(MemDisk(vec![0; 32 * 512])),
+        &cfg,
+    ))
+}
+
 /// A hostile driver against the virtio-pci transport and the PCI root: `data` is a sequence of
 /// 16-byte operations on configuration space (through ports 0xcf8/0xcfc, MSI-X control
 /// included), BAR0 (common configuration, ISR, device configuration, doorbells, MSI-X table and
@@ -176,7 +181,6 @@ pub fn virtio_pci(data: &[u8]) {
     use std::sync::{Arc, Mutex};
     use tandem_pci::msix::{MsiMessage, MsiRouter, Vector};
     use tandem_pci::PciRoot;
-    use tandem_virtio::blk::{Block, BlockConfig, CacheMode, MemDisk};
     use tandem_virtio::VirtioPci;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -190,16 +194,7 @@ pub fn virtio_pci(data: &[u8]) {
         return;
     };
     let device: Box<dyn tandem_virtio::VirtioDevice> = if first & 1 == 0 {
-        let cfg = BlockConfig {
-            path: "fuzz".into(),
-            readonly: first & 2 != 0,
-            cache: CacheMode::Writeback,
-            serial: "fuzz".into(),
-        };
-        Box::new(Block::with_backend(
-            Box::new(MemDisk(vec![0; 32 * 512])),
-            &cfg,
-        ))
+        mem_disk(first & 2 != 0)
     } else {
         Box::new(tandem_virtio::Rng::new())
     };
