@@ -112,14 +112,19 @@ fn check_memlock(config: &tandem_partition::Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates the state directory, owner-only.
+fn make_state_dir(state: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(state)
+        .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| format!("cannot use {}: {e}", state.display()))
+}
+
 /// Starts `tandem up` again in a new session with its output in DIR/supervisor.log, and waits
 /// until its control socket answers (it runs) or it exits (it failed).
 fn detach(args: &UpArgs) -> ExitCode {
     let state = args.state.dir();
-    if let Err(e) = std::fs::create_dir_all(&state)
-        .and_then(|()| std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)))
-    {
-        return fail(format!("cannot use {}: {e}", state.display()), 1);
+    if let Err(e) = make_state_dir(&state) {
+        return fail(e, 1);
     }
     let socket = state.join("control.sock");
     if control::send(&socket, &Request::Ps).is_ok() {
@@ -200,10 +205,8 @@ pub fn up(args: UpArgs) -> ExitCode {
         return fail(e, EXIT_USAGE);
     }
     let state = args.state.dir();
-    if let Err(e) = std::fs::create_dir_all(&state)
-        .and_then(|()| std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)))
-    {
-        return fail(format!("cannot use {}: {e}", state.display()), 1);
+    if let Err(e) = make_state_dir(&state) {
+        return fail(e, 1);
     }
     let lock = match std::fs::File::create(state.join("supervisor.lock")) {
         Ok(f) => f,

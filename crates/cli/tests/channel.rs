@@ -3,25 +3,21 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script_with};
+use common::{case, exec_cmdline, run_script_with, FIND_IVSHMEM};
 
-/// Shell for the guest: finds the ivshmem function (1af4:1110), sets `$regs` (BAR0) and `$shm`
-/// (BAR2) from its sysfs resource file, and prints what it found.
-const FIND: &str = "for d in /sys/bus/pci/devices/*; do \
-     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
-     set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; \
-     echo dev=${dev##*/} class=$(cat $dev/class) size=$(( $2 - $1 + 1 )) ivpos=$(devmem $((regs + 8)) 32); ";
+/// Finds the device, then prints what the guest sees of it.
+const SHOW: &str = "echo dev=${dev##*/} class=$(cat $dev/class) size=$(( $2 - $1 + 1 )) ivpos=$(devmem $((regs + 8)) 32); ";
 
 #[test]
 fn two_running_guests_share_a_channel() {
     // A writes a ping, waits for B's reply; B waits for the ping, replies. Both run at once.
     let a = exec_cmdline(&format!(
-        "{FIND} devmem $shm 32 0x7a4d3e11; i=0; \
+        "{FIND_IVSHMEM}{SHOW} devmem $shm 32 0x7a4d3e11; i=0; \
          while [ $(devmem $((shm + 4)) 32) != 0x22C0FFEE ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
          echo a-got=$(devmem $((shm + 4)) 32)"
     ));
     let b = exec_cmdline(&format!(
-        "{FIND} i=0; \
+        "{FIND_IVSHMEM}{SHOW} i=0; \
          while [ $(devmem $shm 32) != 0x7A4D3E11 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
          echo b-got=$(devmem $shm 32); devmem $((shm + 4)) 32 0x22c0ffee"
     ));

@@ -5,17 +5,12 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script};
-
-/// Finds the ivshmem device and sets `$regs` (BAR0) and `$shm` (BAR2).
-const FIND: &str = "for d in /sys/bus/pci/devices/*; do \
-     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
-     set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; ";
+use common::{case, exec_cmdline, run_script, FIND_IVSHMEM};
 
 #[test]
 fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
     let waiter = exec_cmdline(&format!(
-        "{FIND} modprobe uio_pci_generic; echo 1af4 1110 > /sys/bus/pci/drivers/uio_pci_generic/new_id; \
+        "{FIND_IVSHMEM} modprobe uio_pci_generic; echo 1af4 1110 > /sys/bus/pci/drivers/uio_pci_generic/new_id; \
          i=0; while [ ! -e /dev/uio0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
          exec 3</dev/uio0; \
          devmem $shm 32 0xb0b0b0b0; echo b-waiting; \
@@ -23,7 +18,7 @@ fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
          echo b-woke count=$((n)) msg=$(devmem $((shm + 4)) 32)"
     ));
     let ringer = exec_cmdline(&format!(
-        "{FIND} echo a-ivpos=$(devmem $((regs + 8)) 32); i=0; \
+        "{FIND_IVSHMEM} echo a-ivpos=$(devmem $((regs + 8)) 32); i=0; \
          while [ $(devmem $shm 32) != 0xB0B0B0B0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
          devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; sleep 3"
     ));

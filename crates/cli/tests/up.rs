@@ -5,12 +5,7 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script};
-
-/// Finds the ivshmem device and sets `$shm` to its memory (as in channel.rs).
-const FIND: &str = "for d in /sys/bus/pci/devices/*; do \
-     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
-     set -- $(sed -n 3p $dev/resource); shm=$1; ";
+use common::{case, exec_cmdline, run_script, FIND_IVSHMEM};
 
 #[test]
 fn a_crashing_partition_is_restarted_and_its_peer_never_stops() {
@@ -19,7 +14,7 @@ fn a_crashing_partition_is_restarted_and_its_peer_never_stops() {
     );
     // The channel outlives the general VM's restarts: it remembers how many lives it had.
     let gp = exec_cmdline(&format!(
-        "{FIND} v=$(devmem $shm 32); echo gp-life v=$v; \
+        "{FIND_IVSHMEM} v=$(devmem $shm 32); echo gp-life v=$v; \
          if [ $v = 0x00000000 ]; then devmem $shm 32 1; echo c > /proc/sysrq-trigger; fi; \
          devmem $shm 32 2; echo gp-alive; sleep 600"
     ));

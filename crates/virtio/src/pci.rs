@@ -287,9 +287,10 @@ impl VirtioPci {
                 data.copy_from_slice(&field.to_le_bytes()[..data.len()]);
             }
             ISR..DEVICE_CFG => {
-                let v = self.core.interrupt.take_status();
                 data.fill(0);
-                data[0] = v as u8;
+                if let Some(first) = data.first_mut() {
+                    *first = self.core.interrupt.take_status() as u8;
+                }
             }
             DEVICE_CFG..NOTIFY => self.core.device.read_config(offset - DEVICE_CFG, data),
             MSIX_TABLE..MSIX_PBA => self.msix.read_table(offset - MSIX_TABLE, data),

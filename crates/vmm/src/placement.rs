@@ -219,15 +219,19 @@ fn map(size: usize, hugepages: bool) -> Result<MmapRegion, VmError> {
         return MmapRegion::new(size).map_err(|e| VmError::Memory(e.to_string()));
     }
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_HUGETLB;
-    MmapRegion::build(None, size, libc::PROT_READ | libc::PROT_WRITE, flags).map_err(|_| {
-        let page_kib = meminfo("Hugepagesize:").unwrap_or(2048);
-        PlacementError::HugePages {
-            need: (size as u64 >> 10).div_ceil(page_kib),
-            free: meminfo("HugePages_Free:").unwrap_or(0),
-            page_kib,
-        }
-        .into()
-    })
+    MmapRegion::build(None, size, libc::PROT_READ | libc::PROT_WRITE, flags)
+        .map_err(|_| hugepage_shortage(size as u64))
+}
+
+/// The error for `bytes` of guest memory that the reserved huge pages cannot back.
+fn hugepage_shortage(bytes: u64) -> VmError {
+    let page_kib = meminfo("Hugepagesize:").unwrap_or(2048);
+    PlacementError::HugePages {
+        need: (bytes >> 10).div_ceil(page_kib),
+        free: meminfo("HugePages_Free:").unwrap_or(0),
+        page_kib,
+    }
+    .into()
 }
 
 /// Allocates guest RAM as the placement says, registers it with KVM, and locks it when asked.
@@ -246,13 +250,7 @@ pub fn create_memory(vm: &VmFd, size: u64, p: &Placement) -> Result<GuestMemoryM
                 )
             };
             if rc != 0 {
-                let page_kib = meminfo("Hugepagesize:").unwrap_or(2048);
-                return Err(PlacementError::HugePages {
-                    need: (len >> 10).div_ceil(page_kib),
-                    free: meminfo("HugePages_Free:").unwrap_or(0),
-                    page_kib,
-                }
-                .into());
+                return Err(hugepage_shortage(len));
             }
         }
         regions.push(

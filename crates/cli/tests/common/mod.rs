@@ -264,3 +264,9 @@ pub fn system_ram_bytes(iomem: &str) -> u64 {
         })
         .sum()
 }
+
+/// Guest shell that finds the channel's ivshmem device (1af4:1110) in sysfs and sets `$dev`,
+/// `$regs` (BAR0) and `$shm` (BAR2); `$1` and `$2` are left as BAR2's first and last address.
+pub const FIND_IVSHMEM: &str = "for d in /sys/bus/pci/devices/*; do \
+     [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
+     set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; ";
