@@ -572,17 +572,22 @@ fn up_refuses_memory_it_could_not_lock() {
         ),
     );
     let _ = std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    // An unprivileged user with a 1 MiB locked-memory limit (setpriv and prlimit: util-linux).
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "prlimit",
-        "--memlock=1048576",
-        "--",
-        env!("CARGO_BIN_EXE_tandem"),
-    ]);
+    // An unprivileged user with a 1 MiB locked-memory limit. The limit is set before setpriv
+    // runs, so that setpriv starts tandem itself, as for the other unprivileged cases (a
+    // checkout in a directory only root may enter, as mktemp makes, is still reachable then).
+    let mut cmd = tandem_cmd(true);
+    // SAFETY: setrlimit is async-signal-safe and only lowers this child's own limit.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+            Ok(())
+        });
+    }
     let path = cfg.to_str().unwrap();
     assert_one_clear_line_from(
         cmd,
