@@ -26,35 +26,102 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Oldest QEMU whose TCG is a faithful enough nested-SVM host for the testbed. Before 8.2, TCG
+/// did not honour the XSETBV intercept (QEMU commit "target/i386: check intercept for XSETBV"):
+/// an L2 guest's XSETBV then bypassed the test host's KVM, whose idea of the guest's XCR0 went
+/// stale, and L2 kernels saw "XSAVE consistency problem" and, in a few boots out of a hundred,
+/// triple faults. Debian 12 ships 7.2; bookworm-backports has a current QEMU.
+const MIN_QEMU: (u32, u32) = (8, 2);
+
+/// Where a Debian 12 host gets a QEMU of at least [`MIN_QEMU`].
+const BACKPORTS: &str = "bookworm-backports";
+
+/// `(major, minor)` from `qemu-system-x86_64 --version` ("QEMU emulator version 10.0.2 ...").
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+fn qemu_version() -> Option<(u32, u32)> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { geteuid() == 0 }
+}
+
+fn apt_install(packages: &[&str], release: Option<&str>) -> Result<(), String> {
+    eprintln!("xtask: installing {}", packages.join(" "));
+    assets::run(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "-qq", "--no-install-recommends"]);
+    if let Some(r) = release {
+        cmd.args(["-t", r]);
+    }
+    assets::run(
+        cmd.args(packages).env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
 /// Installs missing host packages with apt-get when running as root; otherwise says what to do.
+/// A QEMU older than [`MIN_QEMU`] is replaced from Debian's backports on Debian 12.
 pub fn ensure_host_packages() -> Result<(), String> {
     let missing: Vec<&str> = HOST_PACKAGES
         .iter()
         .filter(|(_, cmd)| !have(cmd))
         .map(|(p, _)| *p)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
+    if !missing.is_empty() {
+        if !is_root() {
+            return Err(format!(
+                "missing host packages; install them with: sudo apt-get install {}",
+                missing.join(" ")
+            ));
+        }
+        apt_install(&missing, None)?;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { geteuid() } != 0 {
+    ensure_qemu_version()
+}
+
+fn ensure_qemu_version() -> Result<(), String> {
+    let need = format!("QEMU {}.{} or later", MIN_QEMU.0, MIN_QEMU.1);
+    match qemu_version() {
+        Some(v) if v >= MIN_QEMU => return Ok(()),
+        Some((a, b)) => eprintln!("xtask: the testbed needs {need}; this host has {a}.{b}"),
+        None => return Err("cannot read the version of qemu-system-x86_64".into()),
+    }
+    let bookworm = std::fs::read_to_string("/etc/os-release")
+        .is_ok_and(|s| s.lines().any(|l| l == "VERSION_CODENAME=bookworm"));
+    if !is_root() || !bookworm {
         return Err(format!(
-            "missing host packages; install them with: sudo apt-get install {}",
-            missing.join(" ")
+            "the testbed needs {need} (older TCG lets nested guests' XSETBV bypass KVM; see \
+             docs/testbed.md); on Debian 12, as root: add {BACKPORTS} to APT's sources and \
+             apt-get install -t {BACKPORTS} qemu-system-x86"
         ));
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    assets::run(
-        Command::new("apt-get").args(["update", "-qq"]),
-        "apt-get update",
-    )?;
-    assets::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get install",
+    let list = Path::new("/etc/apt/sources.list.d/tandem-backports.list");
+    std::fs::write(
+        list,
+        format!("deb http://deb.debian.org/debian {BACKPORTS} main\n"),
     )
+    .map_err(|e| format!("cannot write {}: {e}", list.display()))?;
+    apt_install(&["qemu-system-x86"], Some(BACKPORTS))?;
+    match qemu_version() {
+        Some(v) if v >= MIN_QEMU => Ok(()),
+        _ => Err(format!(
+            "installed qemu-system-x86 from {BACKPORTS}, but it is not {need}"
+        )),
+    }
 }
 
 extern "C" {
@@ -132,4 +199,23 @@ pub fn guests_dir() -> Result<i32, String> {
     let a = assets::ensure(&assets::cache_root()?)?;
     println!("{}", a.dir.join("guests").display());
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_versions_are_read_from_the_banner() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some((10, 0))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)"),
+            Some((7, 2))
+        );
+        assert!(parse_qemu_version("QEMU emulator version 7.2.22") < Some(MIN_QEMU));
+        assert_eq!(parse_qemu_version("no banner"), None);
+    }
 }
