@@ -353,6 +353,8 @@ fn malformed_and_impossible_channels() {
     let odd = std::env::temp_dir().join(format!("tandem-chan-odd-{}", std::process::id()));
     std::fs::write(&odd, vec![0u8; 8192]).unwrap();
     let odd_spec = format!("path={},size=4K", odd.display());
+    let big = std::env::temp_dir().join(format!("tandem-chan-big-{}", std::process::id()));
+    let big_spec = format!("path={},size=512M", big.display());
     for (spec, expect) in [
         ("path=/tmp/c", "'size=' is required"),
         ("size=1M", "'path=' is required"),
@@ -367,10 +369,15 @@ fn malformed_and_impossible_channels() {
             "channel /nonexistent/dir/c: No such file or directory",
         ),
         (odd_spec.as_str(), "the file holds 8192 bytes, not 4096"),
+        (
+            big_spec.as_str(),
+            "the PCI devices need more than the 492 MiB of PCI address space",
+        ),
     ] {
         assert_one_clear_line(&["run", "--kernel", k, "--channel", spec], &[], expect);
     }
     let _ = std::fs::remove_file(odd);
+    let _ = std::fs::remove_file(big);
 }
 
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {

@@ -119,9 +119,16 @@ fn a_triple_fault_fails_with_the_reason_and_registers() {
         last.starts_with("tandem: vCPU 0 stopped: triple fault"),
         "last line: {last:?}"
     );
+    // On AMD (the testbed's emulated CPU), KVM reinitialises a vCPU that shut down, so the
+    // registers at the fault are gone; tandem must say so rather than print the reset state.
+    let reset_said = last.contains("registers at the fault unknown: KVM had already reset");
     assert!(
-        last.contains("rip=") && last.contains("cr0="),
-        "registers missing: {last:?}"
+        reset_said || (last.contains("rip=") && last.contains("cr0=")),
+        "neither the registers nor why they are missing: {last:?}"
+    );
+    assert!(
+        !last.contains("rip=0xfff0 "),
+        "the reset state passed off as the fault's: {last:?}"
     );
 }
 

@@ -83,9 +83,12 @@ pub enum ChannelError {
         /// What is wrong.
         why: String,
     },
-    /// The channels do not fit the PCI window.
-    #[error("the channels need more than the {} MiB of PCI address space", (PCI_MMIO_END - PCI_MMIO_START) >> 20)]
-    NoSpace,
+    /// The PCI devices' BARs (channels' shared memory, virtio registers) do not fit the window.
+    #[error("the PCI devices need more than the {} MiB of PCI address space (a BAR of {} KiB did not fit); use smaller channels or fewer devices", (PCI_MMIO_END - PCI_MMIO_START) >> 20, .size >> 10)]
+    NoSpace {
+        /// The BAR that did not fit.
+        size: u64,
+    },
 }
 
 impl ChannelConfig {
@@ -166,7 +169,7 @@ impl BarWindow {
     fn place(&mut self, size: u64) -> Result<u64, ChannelError> {
         let addr = self.next.next_multiple_of(size);
         if addr + size > PCI_MMIO_END {
-            return Err(ChannelError::NoSpace);
+            return Err(ChannelError::NoSpace { size });
         }
         self.next = addr + size;
         Ok(addr)
@@ -360,6 +363,6 @@ mod tests {
         let mut p = BarWindow::default();
         assert_eq!(p.place(4096).unwrap(), PCI_MMIO_START);
         assert_eq!(p.place(1 << 20).unwrap(), PCI_MMIO_START + (1 << 20));
-        assert!(matches!(p.place(1 << 30), Err(ChannelError::NoSpace)));
+        assert!(matches!(p.place(1 << 30), Err(ChannelError::NoSpace { size }) if size == 1 << 30));
     }
 }
