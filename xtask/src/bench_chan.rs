@@ -4,10 +4,9 @@
 //! tandem's user-mode NAT and a port forward (`tcp`), in one testbed run. A fourth run with no
 //! exchange (`idle`) is the baseline for the VMs' user-space exits.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::bench_dev::{overlay, print_table, results, run_testbed};
-use crate::{assets, tasks};
+use crate::bench_dev::{print_table, results, run_testbed, testkit_bench};
 
 /// Round trips (`$TANDEM_BENCH_ROUNDS` overrides it, e.g. for a quick look).
 fn rounds() -> u32 {
@@ -55,18 +54,7 @@ fn config(mode: &str, rounds: u32, mib: u32) -> String {
 
 /// `cargo xtask bench channel`.
 pub fn channel(root: &Path) -> Result<i32, String> {
-    tasks::ensure_host_packages()?;
-    tasks::cargo(
-        root,
-        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
-    )?;
-    assets::ensure(&assets::cache_root()?)?;
-    let tool = root.join("target/release/chan-bench");
-    let mut s = String::from("set -u\nmkdir -p /usr/bin\n");
-    s.push_str(&overlay(&[(
-        PathBuf::from("/usr/bin/chan-bench"),
-        tool.clone(),
-    )]));
+    let (mut s, carry) = testkit_bench(root, "chan-bench")?;
     s.push_str(
         r#"exits() { grep -o 'vcpu[0-9]*: [0-9]* exits' "$1" | awk '{s+=$2} END {print s+0}'; }
 measure() {
@@ -88,11 +76,7 @@ measure() {
         ));
     }
     eprintln!("bench: channel ping-pong and bulk, poll / doorbell / TCP, in one testbed run (a few minutes)");
-    let carry = vec![PathBuf::from(format!(
-        "{}:/usr/bin/chan-bench",
-        tool.display()
-    ))];
-    let out = run_testbed(&s, &carry, 850)?;
+    let out = run_testbed(&s, &[carry], 850)?;
     for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
         eprintln!("  {l}");
     }

@@ -20,6 +20,25 @@ use crate::{assets, tasks};
 const MEM: &str = "512M";
 const QEMU: &str = "qemu-system-x86_64 -M pc -accel kvm -cpu host -m 512M -smp 1 -display none -nodefaults -no-user-config -no-reboot -kernel /guests/vmlinuz -initrd /tmp/bench.gz";
 
+/// The start shared by the benches of testkit program `bin` (`bench-io`, `chan-bench`): host
+/// packages, release builds of tandem and the testkit, the testbed's assets. Returns the script's
+/// first lines, which pack `/usr/bin/BIN` into the guest initramfs, and the `--with` entry that
+/// carries the program into the test host.
+pub(crate) fn testkit_bench(root: &Path, bin: &str) -> Result<(String, PathBuf), String> {
+    tasks::ensure_host_packages()?;
+    tasks::cargo(
+        root,
+        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
+    )?;
+    assets::ensure(&assets::cache_root()?)?;
+    let tool = root.join("target/release").join(bin);
+    let in_host = PathBuf::from("/usr/bin").join(bin);
+    let mut s = String::from("set -u\nmkdir -p /usr/bin\n");
+    s.push_str(&overlay(&[(in_host.clone(), tool.clone())]));
+    let carry = PathBuf::from(format!("{}:{}", tool.display(), in_host.display()));
+    Ok((s, carry))
+}
+
 /// Shell lines that pack `files` (paths in the test host, each with the host file whose
 /// libraries it needs) into /tmp/bench.gz: the guest initramfs plus an overlay.
 pub(crate) fn overlay(files: &[(PathBuf, PathBuf)]) -> String {
@@ -255,19 +274,8 @@ pid=$!; measure qemu-passt; kill $pid $ppid; wait $pid
 
 /// `cargo xtask bench blk`.
 pub fn blk(root: &Path) -> Result<i32, String> {
-    tasks::ensure_host_packages()?;
-    tasks::cargo(
-        root,
-        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
-    )?;
-    assets::ensure(&assets::cache_root()?)?;
-    let tool = root.join("target/release/bench-io");
+    let (mut s, carry) = testkit_bench(root, "bench-io")?;
     let guest = "/usr/bin/bench-io /dev/vda 256 10";
-    let mut s = String::from("set -u\nmkdir -p /usr/bin\n");
-    s.push_str(&overlay(&[(
-        PathBuf::from("/usr/bin/bench-io"),
-        tool.clone(),
-    )]));
     s.push_str(&format!(
         r#"APPEND='console=ttyS0 reboot=k panic=-1 quiet tandem.exec="{guest}"'
 truncate -s 300M /tmp/disk.img
@@ -286,11 +294,7 @@ done
 "#
     ));
     eprintln!("bench: bench-io on virtio-blk, tandem (virtio-pci, and virtio-mmio) and QEMU (virtio-pci), 2 rounds each (a few minutes)");
-    let carry = vec![PathBuf::from(format!(
-        "{}:/usr/bin/bench-io",
-        tool.display()
-    ))];
-    let out = run_testbed(&s, &carry, 850)?;
+    let out = run_testbed(&s, &[carry], 850)?;
     let rows = results(&out);
     for l in out.lines().filter(|l| !l.starts_with("RESULT")) {
         eprintln!("  {l}");
