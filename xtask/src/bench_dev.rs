@@ -80,17 +80,15 @@ fn host_tool(name: &str) -> Result<PathBuf, String> {
 }
 
 fn install(pkgs: &[&str]) -> Result<(), String> {
-    let missing: Vec<&&str> = pkgs.iter().filter(|p| host_tool(p).is_err()).collect();
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| host_tool(p).is_err())
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    assets::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(missing.iter().map(|s| **s))
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get install",
-    )
+    tasks::apt_install(&missing, None)
 }
 
 /// Runs `script` as /bench.sh in one test host, with `carry` and QEMU (binary and firmware)

@@ -56,7 +56,8 @@ fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-fn apt_install(packages: &[&str], release: Option<&str>) -> Result<(), String> {
+/// `apt-get update`, then installs `packages` (from `release` if given), without recommends.
+pub fn apt_install(packages: &[&str], release: Option<&str>) -> Result<(), String> {
     eprintln!("xtask: installing {}", packages.join(" "));
     assets::run(
         Command::new("apt-get").args(["update", "-qq"]),
