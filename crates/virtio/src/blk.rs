@@ -188,10 +188,13 @@ impl DiskBackend for FileDisk {
 impl FileDisk {
     /// preadv/pwritev between the file and guest memory, without a bounce buffer.
     fn vectored(&self, bufs: &[VolatileSlice<'_>], offset: u64, write: bool) -> io::Result<()> {
+        // Empty buffers (a guest may add them anywhere) carry nothing; left in, a trailing one
+        // would make the last preadv/pwritev return 0 and look like the end of the file.
+        let bufs: Vec<&VolatileSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).collect();
         let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
         let mut iov: Vec<libc::iovec> = guards
             .iter()
-            .zip(bufs)
+            .zip(&bufs)
             .map(|(g, b)| libc::iovec {
                 iov_base: g.as_ptr().cast(),
                 iov_len: b.len(),

@@ -217,3 +217,66 @@ fn requests_queued_before_driver_ok_are_served_at_activation() {
     d.driver_ok();
     assert_eq!(d.take_used(0), vec![(0, 513)]);
 }
+
+/// A block device on a real file (the zero-copy path), over a 64-sector image.
+fn file_disk() -> (Driver, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!(
+        "tandem-blk-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let img: Vec<u8> = (0..64 * 512).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&path, img).unwrap();
+    let cfg = BlockConfig {
+        path: path.clone(),
+        readonly: false,
+        cache: CacheMode::Writeback,
+        serial: String::new(),
+    };
+    let disk = crate::blk::FileDisk::open(&path, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::with_backend(Box::new(disk), &cfg)));
+    assert_eq!(d.negotiate(VERSION_1), ACK_DRIVER_FEATURES);
+    d.setup_queue(0, 16);
+    d.driver_ok();
+    (d, path)
+}
+
+#[test]
+fn zero_length_descriptors_in_a_chain_do_not_fail_the_request() {
+    let (mut d, path) = file_disk();
+    const EMPTY: u64 = DATA + 0x800;
+    // A read of sector 3 with an empty buffer after the data, on the file-backed path.
+    header(&mut d, 0, 3);
+    d.submit(
+        0,
+        &[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (EMPTY, 0, true),
+            (STATUS, 1, true),
+        ],
+    );
+    assert_eq!(d.take_used(0), vec![(0, 513)]);
+    assert_eq!(status(&d), 0, "read with a trailing empty buffer");
+    let mut buf = [0u8; 512];
+    d.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().all(|b| *b == 3));
+    // A write of sector 7 with empty buffers around the data.
+    d.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
+    header(&mut d, 1, 7);
+    d.submit(
+        0,
+        &[
+            (HDR, 16, false),
+            (EMPTY, 0, false),
+            (DATA, 512, false),
+            (EMPTY, 0, false),
+            (STATUS, 1, true),
+        ],
+    );
+    assert_eq!(d.take_used(0), vec![(0, 1)]);
+    assert_eq!(status(&d), 0, "write with empty buffers");
+    let img = std::fs::read(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(img[7 * 512..8 * 512].iter().all(|b| *b == 0xcd));
+}
