@@ -9,6 +9,7 @@
 pub mod acpi_pm;
 pub mod console;
 pub mod i8042;
+pub mod output;
 pub mod serial;
 pub mod trigger;
 

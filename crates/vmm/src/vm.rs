@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use tandem_devices::acpi_pm::ACPI_PM_PORT;
 use tandem_devices::i8042::{I8042_BASE, I8042_PORTS};
+use tandem_devices::output::{self, OutputDrain};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 use tandem_devices::{
     AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042,
@@ -360,8 +361,14 @@ fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
     }
 }
 
-fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
-    Ok(match out {
+/// Where a console's output goes, behind a queue that never blocks the device (and so the vCPU
+/// or I/O thread) writing it; the drain that empties the queue is kept in `drains`.
+fn serial_sink(
+    out: &SerialOutput,
+    name: &str,
+    drains: &mut Vec<(String, OutputDrain)>,
+) -> Result<Box<dyn Write + Send>, VmError> {
+    let dest: Box<dyn Write + Send> = match out {
         SerialOutput::Stdout => Box::new(io::stdout()),
         SerialOutput::File(p) => {
             Box::new(File::create(p).map_err(|source| VmError::SerialFile {
@@ -369,9 +376,32 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
                 source,
             })?)
         }
-        SerialOutput::None => Box::new(io::sink()),
-    })
+        SerialOutput::None => return Ok(Box::new(io::sink())),
+    };
+    let (queue, drain) =
+        output::spawn(dest, &format!("{name}-out"), output::CAPACITY).map_err(VmError::Device)?;
+    drains.push((name.to_string(), drain));
+    Ok(Box::new(queue))
 }
+
+/// Lets the consoles' writers finish (briefly: a stalled destination must not keep tandem from
+/// exiting) and says what was lost.
+fn finish_output(drains: Vec<(String, OutputDrain)>) {
+    for (name, drain) in drains {
+        let (dropped, done) = drain.finish(OUTPUT_GRACE);
+        if dropped > 0 {
+            tracing::warn!(
+                "{name}: {dropped} bytes of output dropped: its destination did not keep up"
+            );
+        }
+        if !done {
+            tracing::warn!("{name}: output still buffered is lost: its destination stalled");
+        }
+    }
+}
+
+/// How long buffered console output may take to reach its destination once the VM has stopped.
+const OUTPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The signal that interrupts `KVM_RUN` so a vCPU thread sees its stop request.
 fn kick_signal() -> i32 {
@@ -456,8 +486,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         .map_err(VmError::kvm("KVM_IRQFD"))?;
     let poweroff = EventFdTrigger::new().map_err(VmError::Device)?;
     let reset = EventFdTrigger::new().map_err(VmError::Device)?;
-    let console = ConsoleWriter::new(serial_sink(&cfg.serial)?, panic.clone())
-        .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
+    let mut drains = Vec::new();
+    let console = ConsoleWriter::new(
+        serial_sink(&cfg.serial, "serial", &mut drains)?,
+        panic.clone(),
+    )
+    .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
     let mut bus = DeviceBus::new();
     let serial = bus.add_pio(
         COM1_BASE,
@@ -487,9 +521,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         let dev = if *out == SerialOutput::Stdout && cfg.stdin {
             let input = tandem_virtio::ConsoleInput::new().map_err(VmError::Device)?;
             console_input = Some(input.clone());
-            tandem_virtio::Console::with_input(serial_sink(out)?, input)
+            tandem_virtio::Console::with_input(serial_sink(out, "console", &mut drains)?, input)
         } else {
-            tandem_virtio::Console::new(serial_sink(out)?)
+            tandem_virtio::Console::new(serial_sink(out, "console", &mut drains)?)
         };
         devices.push((Box::new(dev), "console".into()));
     }
@@ -596,6 +630,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     if let Some(io) = io_thread {
         io.stop();
     }
+    finish_output(drains);
     if let Ok(reports) = reports.lock() {
         for r in reports.iter() {
             tracing::info!("vcpu{}: {}", r.index, r.exits);

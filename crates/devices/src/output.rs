@@ -1,0 +1,221 @@
+//! Console output that never blocks the guest: the device side appends to a bounded buffer and
+//! returns at once; a thread of its own writes the buffer to the real destination (a terminal,
+//! a pipe, a file). When the destination stalls (a terminal on hold, a pipe nobody reads), the
+//! buffer fills and further output is dropped and counted, instead of stopping the vCPU that
+//! wrote it and every vCPU waiting for the same device lock.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Bytes held for a destination that is not keeping up.
+pub const CAPACITY: usize = 1 << 20;
+/// Most bytes handed to the destination in one write.
+const BATCH: usize = 64 * 1024;
+
+#[derive(Default)]
+struct State {
+    data: VecDeque<u8>,
+    /// Bytes dropped since the writer last reported it.
+    dropped: u64,
+    /// Bytes dropped in all.
+    dropped_total: u64,
+    /// No more output will come; the writer ends once the buffer is empty.
+    closed: bool,
+    /// The writer has ended.
+    done: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    capacity: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The device side: a `Write` that takes every byte at once and never blocks.
+#[derive(Clone)]
+pub struct OutputQueue {
+    shared: Arc<Shared>,
+}
+
+/// The owner's side: ends the writer thread.
+pub struct OutputDrain {
+    shared: Arc<Shared>,
+}
+
+/// Starts a thread named `name` that writes what the returned queue takes to `dest`, holding
+/// at most `capacity` bytes.
+pub fn spawn(
+    dest: Box<dyn Write + Send>,
+    name: &str,
+    capacity: usize,
+) -> io::Result<(OutputQueue, OutputDrain)> {
+    let shared = Arc::new(Shared {
+        state: Mutex::default(),
+        changed: Condvar::new(),
+        capacity,
+    });
+    let s = shared.clone();
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(move || write_out(&s, dest))?;
+    Ok((
+        OutputQueue {
+            shared: shared.clone(),
+        },
+        OutputDrain { shared },
+    ))
+}
+
+fn write_out(shared: &Shared, mut dest: Box<dyn Write + Send>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let dropped = {
+            let mut st = shared.lock();
+            while st.data.is_empty() && st.dropped == 0 && !st.closed {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.data.is_empty() && st.dropped == 0 {
+                st.done = true;
+                shared.changed.notify_all();
+                return;
+            }
+            let n = st.data.len().min(BATCH);
+            batch.clear();
+            batch.extend(st.data.drain(..n));
+            shared.changed.notify_all();
+            std::mem::take(&mut st.dropped)
+        };
+        // A destination that fails (closed stdout) just loses the output: the guest goes on.
+        let _ = dest.write_all(&batch);
+        if dropped > 0 {
+            let _ = write!(
+                dest,
+                "\r\n[tandem: {dropped} bytes of console output dropped: the output did not keep up]\r\n"
+            );
+        }
+        let _ = dest.flush();
+    }
+}
+
+impl Write for OutputQueue {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.shared.lock();
+        let room = self.shared.capacity.saturating_sub(st.data.len());
+        let n = buf.len().min(room);
+        st.data.extend(&buf[..n]);
+        let lost = (buf.len() - n) as u64;
+        st.dropped += lost;
+        st.dropped_total += lost;
+        self.shared.changed.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl OutputDrain {
+    /// Lets the writer finish what is buffered, waiting at most `timeout` (the destination may
+    /// never take it); returns the bytes dropped in all, and whether everything was written.
+    pub fn finish(&self, timeout: Duration) -> (u64, bool) {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        st.closed = true;
+        self.shared.changed.notify_all();
+        while !st.done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        (st.dropped_total, st.done)
+    }
+}
+
+impl Drop for OutputDrain {
+    /// Output still buffered gets a short while to reach its destination, on every way out.
+    fn drop(&mut self) {
+        self.finish(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A destination that blocks until told to go on, as a terminal on hold does.
+    struct Stalled(mpsc::Receiver<()>, Captured);
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            self.1.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn everything_written_arrives_in_order_and_finish_waits_for_it() {
+        let out = Captured::default();
+        let (mut q, drain) = spawn(Box::new(out.clone()), "test-out", CAPACITY).unwrap();
+        let mut want = Vec::new();
+        for i in 0..10_000u32 {
+            let line = format!("line {i}\n");
+            q.write_all(line.as_bytes()).unwrap();
+            want.extend_from_slice(line.as_bytes());
+        }
+        assert_eq!(drain.finish(Duration::from_secs(10)), (0, true));
+        assert_eq!(*out.0.lock().unwrap(), want);
+    }
+
+    #[test]
+    fn a_stalled_destination_never_blocks_the_writer_and_the_loss_is_reported() {
+        let out = Captured::default();
+        let (go, wait) = mpsc::channel();
+        let (mut q, drain) = spawn(Box::new(Stalled(wait, out.clone())), "test-out", 4096).unwrap();
+        // 1 MiB into a destination that takes nothing: every write returns at once.
+        for _ in 0..256 {
+            assert_eq!(q.write(&[b'x'; 4096]).unwrap(), 4096);
+        }
+        let (dropped, done) = drain.finish(Duration::from_millis(100));
+        assert!(!done, "the destination is still stalled");
+        assert!(dropped >= 1_048_576 - 2 * 4096, "{dropped}");
+        // Once the destination moves again, what was kept arrives with a note of the loss.
+        drop(go);
+        assert!(drain.finish(Duration::from_secs(10)).1);
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).to_string();
+        assert!(text.starts_with("xxxx"), "{text}");
+        assert!(text.contains("bytes of console output dropped"), "{text}");
+        assert!(text.len() < 3 * 4096 + 200, "{} bytes", text.len());
+    }
+}
