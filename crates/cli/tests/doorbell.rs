@@ -12,15 +12,24 @@ fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
     let waiter = exec_cmdline(&format!(
         "{FIND_IVSHMEM} modprobe uio_pci_generic; echo 1af4 1110 > /sys/bus/pci/drivers/uio_pci_generic/new_id; \
          i=0; while [ ! -e /dev/uio0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
-         exec 3</dev/uio0; \
+         exec 3<>/dev/uio0; \
          devmem $shm 32 0xb0b0b0b0; echo b-waiting; \
          n=$(dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4); \
-         echo b-woke count=$((n)) msg=$(devmem $((shm + 4)) 32)"
+         echo b-woke count=$((n)) msg=$(devmem $((shm + 4)) 32); \
+         devmem $shm 32 0xc0c0c0c0; i=0; \
+         while [ $(devmem $shm 32) != 0xD0D0D0D0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
+         echo b-masked-irqs=$(grep uio /proc/interrupts | awk '{{print $2}}'); \
+         printf '\\001\\000\\000\\000' >&3; \
+         n=$(dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4); \
+         echo b-unmasked count=$((n)) irqs=$(grep uio /proc/interrupts | awk '{{print $2}}')"
     ));
     let ringer = exec_cmdline(&format!(
         "{FIND_IVSHMEM} echo a-ivpos=$(devmem $((regs + 8)) 32); i=0; \
          while [ $(devmem $shm 32) != 0xB0B0B0B0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
-         devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; sleep 3"
+         devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; i=0; \
+         while [ $(devmem $shm 32) != 0xC0C0C0C0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
+         j=0; while [ $j -lt 200 ]; do devmem $((regs + 12)) 32 0x10000; j=$((j+1)); done; \
+         devmem $shm 32 0xd0d0d0d0; echo a-rang-200; sleep 3"
     ));
     // The config holds the command lines as TOML basic strings.
     let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
@@ -65,6 +74,17 @@ record up cat /tmp/dst/supervisor.log
     assert!(
         up.contains("b | b-woke count=1 msg=0x600DD00D"),
         "the blocked process woke with the message:\n{up}"
+    );
+    // uio_pci_generic's handler masks INTx and leaves it masked until user space unmasks it:
+    // 200 doorbells rung meanwhile must not interrupt the guest, and one is delivered on unmask.
+    assert!(up.contains("a | a-rang-200"), "{up}");
+    assert!(
+        up.contains("b | b-masked-irqs=1\n"),
+        "doorbells interrupted a guest with INTx disabled:\n{up}"
+    );
+    assert!(
+        up.contains("b | b-unmasked count=2 irqs=2\n"),
+        "the doorbells rung while masked arrive once unmasked:\n{up}"
     );
     assert!(up.contains("tandem: no VM is left running"), "{up}");
     let d = case(&cases, &all, "detach");

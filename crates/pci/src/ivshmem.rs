@@ -41,6 +41,10 @@ pub const IVSHMEM_ID: PciId = PciId {
     subsystem: 0x1100,
 };
 
+/// Connects and disconnects the doorbell interrupt (the VMM's irqfd) as the guest enables and
+/// disables INTx in the command register.
+pub type IntxGate = Box<dyn FnMut(bool) + Send>;
+
 /// An ivshmem function.
 pub struct Ivshmem {
     config: PciConfig,
@@ -48,6 +52,9 @@ pub struct Ivshmem {
     intr_mask: u32,
     intr_status: u32,
     doorbell: bool,
+    gate: Option<IntxGate>,
+    /// Whether INTx was enabled when the gate last heard of it.
+    intx_on: bool,
 }
 
 impl Ivshmem {
@@ -80,9 +87,19 @@ impl Ivshmem {
             intr_mask: 0,
             intr_status: 0,
             doorbell,
+            gate: None,
+            intx_on: true,
         };
         dev.update_status();
         Ok(dev)
+    }
+
+    /// Calls `gate(false)` when the guest disables INTx and `gate(true)` when it enables it
+    /// again, so doorbells reach a guest only while it accepts them: a peer that rings
+    /// continuously cannot interrupt a guest that has turned the interrupt off. (INTx starts
+    /// enabled, as after reset.)
+    pub fn set_intx_gate(&mut self, gate: IntxGate) {
+        self.gate = Some(gate);
     }
 
     /// The interrupt-status bit of the PCI status register. Doorbells reach the guest through
@@ -95,6 +112,12 @@ impl Ivshmem {
         let enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
         self.config
             .set_device_bits(STATUS, STATUS_INTERRUPT as u8, self.doorbell && enabled);
+        if enabled != self.intx_on {
+            self.intx_on = enabled;
+            if let Some(gate) = self.gate.as_mut() {
+                gate(enabled);
+            }
+        }
     }
 
     /// Reads a BAR0 register.
@@ -208,6 +231,25 @@ mod tests {
         let plain = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, false).unwrap();
         assert_eq!(plain.config().read_u32(0x3c) >> 8 & 0xff, 0);
         assert_eq!(status(&plain) & STATUS_INTERRUPT, 0);
+    }
+
+    #[test]
+    fn disabling_intx_disconnects_the_doorbell_interrupt_until_it_is_enabled_again() {
+        use std::sync::{Arc, Mutex};
+        let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let log = seen.clone();
+        let mut d = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, true).unwrap();
+        d.set_intx_gate(Box::new(move |on| log.lock().unwrap().push(on)));
+        let command = |d: &mut Ivshmem, v: u16| {
+            d.config_mut().write(COMMAND, &v.to_le_bytes());
+            d.config_written(COMMAND, 2);
+        };
+        command(&mut d, 2);
+        assert!(seen.lock().unwrap().is_empty(), "INTx already enabled");
+        command(&mut d, COMMAND_INTX_DISABLE | 2);
+        command(&mut d, COMMAND_INTX_DISABLE | 6);
+        command(&mut d, 2);
+        assert_eq!(*seen.lock().unwrap(), vec![false, true]);
     }
 
     #[test]

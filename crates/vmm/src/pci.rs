@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use tandem_pci::ivshmem::REGS_SIZE;
+use tandem_pci::ivshmem::{IntxGate, REGS_SIZE};
 use tandem_pci::root::{CONFIG_PORT, CONFIG_PORTS};
 use tandem_pci::{Ivshmem, PciRoot};
 use vm_memory::mmap::MmapRegion;
@@ -176,6 +176,26 @@ impl BarWindow {
     }
 }
 
+/// The gate of a doorbell interrupt: the irqfd is connected while the guest has INTx enabled.
+/// Doorbells rung while it is disconnected stay counted in the eventfd, and KVM delivers them as
+/// soon as the irqfd is connected again, as a masked line that was raised meanwhile would.
+fn intx_gate(vm: Arc<VmFd>, efd: &EventFd, gsi: u32) -> std::io::Result<IntxGate> {
+    let efd = efd.try_clone()?;
+    Ok(Box::new(move |on| {
+        let done = if on {
+            vm.register_irqfd(&efd, gsi)
+        } else {
+            vm.unregister_irqfd(&efd, gsi)
+        };
+        if let Err(e) = done {
+            tracing::warn!(
+                "ivshmem: cannot turn the doorbell interrupt (GSI {gsi}) {}: {e}",
+                if on { "on" } else { "off" }
+            );
+        }
+    }))
+}
+
 /// The PCI bus while the VM is built.
 pub struct PciDevices {
     root: PciRoot,
@@ -248,7 +268,7 @@ impl PciDevices {
     /// Adds an ivshmem device for `channel`.
     pub fn attach_channel(
         &mut self,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         bus: &mut DeviceBus,
         channel: &ChannelConfig,
     ) -> Result<(), VmError> {
@@ -284,7 +304,7 @@ impl PciDevices {
         bus.add_mmio_shared(regs, REGS_SIZE, dev.clone())?;
         let slot = self
             .root
-            .plug(dev)
+            .plug(dev.clone())
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
         if doorbell {
             let gsi = crate::layout::pci_intx_gsi(slot);
@@ -295,6 +315,10 @@ impl PciDevices {
                 if peer == usize::from(channel.peer_id) {
                     vm.register_irqfd(&efd, gsi)
                         .map_err(VmError::kvm("KVM_IRQFD"))?;
+                    let gate = intx_gate(vm.clone(), &efd, gsi).map_err(VmError::Device)?;
+                    dev.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set_intx_gate(gate);
                 } else {
                     vm.register_ioevent(
                         &efd,
