@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-
-use common::{case, run_script_with, shared_libs};
+use common::{case, guest_overlay, run_script_with, testkit_program};
 
 const ROUNDS: u32 = 10_000;
 
@@ -27,45 +25,22 @@ fn config(name: &str, rounds: u32, bench: &str) -> String {
 
 #[test]
 fn ten_thousand_round_trips_cost_no_exits() {
-    let bench = std::fs::canonicalize(format!(
-        "{}/../../target/release/chan-bench",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("chan-bench is built by cargo xtask test")
-    .display()
-    .to_string();
-    let libs = shared_libs(&bench);
+    let bench = testkit_program("chan-bench");
     // The guest gets chan-bench and its libraries in an initramfs appended to the usual one.
-    let mut entries = BTreeSet::new();
-    for f in std::iter::once(&bench).chain(&libs) {
-        let mut p = std::path::Path::new(f);
-        entries.insert(p.to_path_buf());
-        while let Some(parent) = p.parent().filter(|d| *d != std::path::Path::new("/")) {
-            entries.insert(parent.to_path_buf());
-            p = parent;
-        }
-    }
-    let list: Vec<String> = entries
-        .iter()
-        .map(|p| p.display().to_string().trim_start_matches('/').to_string())
-        .collect();
+    let (overlay, with) = guest_overlay("pp", &[&bench]);
     let script = format!(
         r#"
-(cd / && printf '%s\n' {list} | cpio -o -H newc 2>/dev/null | gzip -1 >/tmp/overlay.gz)
-cat /guests/initramfs.cpio.gz /tmp/overlay.gz >/tmp/pp.gz
-exits() {{ grep -o 'vcpu[0-9]*: [0-9]* exits' "$1" | awk '{{s+=$2}} END {{print s+0}}'; }}
+{overlay}exits() {{ grep -o 'vcpu[0-9]*: [0-9]* exits' "$1" | awk '{{s+=$2}} END {{print s+0}}'; }}
 {idle}{busy}
 TANDEM_LOG=info timeout 300 tandem up /tmp/idle.toml --state-dir /tmp/s1 >/tmp/idle.out 2>&1
 TANDEM_LOG=info timeout 300 tandem up /tmp/busy.toml --state-dir /tmp/s2 >/tmp/busy.out 2>&1
 i=$(exits /tmp/idle.out); b=$(exits /tmp/busy.out)
 record result sh -c "echo idle-exits=$i busy-exits=$b; grep -o 'chan-bench mode=.*' /tmp/busy.out"
 "#,
-        list = list.join(" "),
         idle = config("idle", 0, &bench),
         busy = config("busy", ROUNDS, &bench),
     );
-    let mut with = vec![bench.as_str()];
-    with.extend(libs.iter().map(String::as_str));
+    let with: Vec<&str> = with.iter().map(String::as_str).collect();
     let (cases, all) = run_script_with(&script, &with);
     let r = &case(&cases, &all, "result").output;
     assert!(

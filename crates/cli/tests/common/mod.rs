@@ -270,3 +270,41 @@ pub fn system_ram_bytes(iomem: &str) -> u64 {
 pub const FIND_IVSHMEM: &str = "for d in /sys/bus/pci/devices/*; do \
      [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1110 ] && dev=$d; done; \
      set -- $(sed -n 1p $dev/resource); regs=$1; set -- $(sed -n 3p $dev/resource); shm=$1; ";
+
+/// A testkit program built by `cargo xtask test` (target/release/NAME), as an absolute path.
+pub fn testkit_program(name: &str) -> String {
+    std::fs::canonicalize(workspace_root().join("target/release").join(name))
+        .unwrap_or_else(|e| panic!("{name} is built by cargo xtask test: {e}"))
+        .display()
+        .to_string()
+}
+
+/// Guest programs for a test: the shell that builds `/tmp/{name}.gz` in the test host (the usual
+/// guest initramfs with `programs` and their libraries appended, at the same paths), and the
+/// files to carry into the test host for it.
+pub fn guest_overlay(name: &str, programs: &[&str]) -> (String, Vec<String>) {
+    let mut files: Vec<String> = Vec::new();
+    for p in programs {
+        files.push(p.to_string());
+        files.extend(shared_libs(p));
+    }
+    let mut entries = std::collections::BTreeSet::new();
+    for f in &files {
+        let mut p = std::path::Path::new(f);
+        entries.insert(p.to_path_buf());
+        while let Some(parent) = p.parent().filter(|d| *d != std::path::Path::new("/")) {
+            entries.insert(parent.to_path_buf());
+            p = parent;
+        }
+    }
+    let list: Vec<String> = entries
+        .iter()
+        .map(|p| p.display().to_string().trim_start_matches('/').to_string())
+        .collect();
+    let script = format!(
+        "(cd / && printf '%s\\n' {} | cpio -o -H newc 2>/dev/null | gzip -1 >/tmp/{name}-overlay.gz)\n\
+         cat /guests/initramfs.cpio.gz /tmp/{name}-overlay.gz >/tmp/{name}.gz\n",
+        list.join(" ")
+    );
+    (script, files)
+}
