@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -369,7 +370,14 @@ fn serial_sink(
     drains: &mut Vec<(String, OutputDrain)>,
 ) -> Result<Box<dyn Write + Send>, VmError> {
     let dest: Box<dyn Write + Send> = match out {
-        SerialOutput::Stdout => Box::new(io::stdout()),
+        // A descriptor of its own: a writer blocked on a stalled stdout must not hold the lock
+        // of std's `Stdout`, which the rest of tandem (and its exit) would then wait for.
+        SerialOutput::Stdout => Box::new(File::from(
+            io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(VmError::Device)?,
+        )),
         SerialOutput::File(p) => {
             Box::new(File::create(p).map_err(|source| VmError::SerialFile {
                 path: p.clone(),
@@ -624,7 +632,6 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         stdin: cfg.stdin,
         escape: cfg.escape,
     })?;
-    let _ = io::stdout().flush();
     tracing::info!("guest stopped: {event:?}");
     stop_vcpus(handles, &stop);
     if let Some(io) = io_thread {
