@@ -14,11 +14,13 @@ const NOTIFIES: u32 = 100_000;
 fn a_guest_notifying_a_missing_queue_in_a_loop_leaves_a_bounded_log() {
     let poke = testkit_program("mmio-poke");
     let (overlay, with) = guest_overlay("flood", &[&poke]);
-    // The virtio-blk PCI function (1af4:1042); queue 7 does not exist: its doorbell at
-    // NOTIFY (0x3000) + 4 * 7 is no ioeventfd, so each write reaches tandem.
+    // The virtio-blk PCI function (1af4:1042), freed from its driver so that its BAR can be
+    // mapped (the kernel refuses to map a region a driver holds); queue 7 does not exist: its
+    // doorbell at NOTIFY (0x3000) + 4 * 7 is no ioeventfd, so each write reaches tandem.
     let guest = exec_cmdline(&format!(
         "for d in /sys/bus/pci/devices/*; do \
          [ $(cat $d/vendor):$(cat $d/device) = 0x1af4:0x1042 ] && blk=$d; done; \
+         echo ${{blk##*/}} >/sys/bus/pci/drivers/virtio-pci/unbind; \
          {poke} $blk/resource0 0x301c 0 {NOTIFIES}"
     ));
     let script = format!(
