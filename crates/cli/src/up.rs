@@ -65,16 +65,11 @@ impl StateArgs {
     }
 }
 
-/// Where CPU claims of every `tandem up` on this host meet.
+/// Where the CPU claims of `tandem up`s meet: `$TANDEM_LOCK_DIR` (checked like any other),
+/// else root's host-wide directory or the user's own (see [`tandem_partition::locks`]).
 fn lock_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TANDEM_LOCK_DIR") {
-        return d.into();
-    }
-    if Path::new("/run/lock").is_dir() {
-        "/run/lock/tandem".into()
-    } else {
-        std::env::temp_dir().join("tandem-locks")
-    }
+    std::env::var_os("TANDEM_LOCK_DIR")
+        .map_or_else(tandem_partition::locks::default_dir, Into::into)
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -237,11 +232,15 @@ pub fn up(args: UpArgs) -> ExitCode {
         }
         doorbells.push(fds);
     }
-    let (vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
-    let _cpu_locks = match supervisor::lock_cpus(&lock_dir(), &vms) {
+    let (mut vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
+    // Held here for the supervisor's life, and inherited by each VM's process for its own.
+    let cpu_locks = match tandem_partition::locks::lock_cpus(&lock_dir(), &vms) {
         Ok(l) => l,
         Err(e) => return fail(e, EXIT_USAGE),
     };
+    for (i, vm) in vms.iter_mut().enumerate() {
+        vm.inherit.extend(cpu_locks.fds(i));
+    }
     let cleanup = |channels: &[tandem_partition::plan::ChannelPlan]| {
         for c in channels {
             let _ = std::fs::remove_file(&c.path);

@@ -604,3 +604,58 @@ fn up_refuses_memory_it_could_not_lock() {
     );
     let _ = std::fs::remove_file(cfg);
 }
+
+#[test]
+fn up_refuses_a_lock_directory_with_a_planted_link_or_that_others_may_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let cfg = config_file(
+        "locks",
+        &format!("[[vm]]\nname = \"rt\"\nrole = \"realtime\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = [0]\n"),
+    );
+    let base = std::env::temp_dir().join(format!("tandem-lockdir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let locks = base.join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // What a local user would plant: the lock file as a link to a file only root may write.
+    let target = base.join("shadow");
+    std::fs::write(&target, "root:x:\n").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink(&target, locks.join("cpu0")).unwrap();
+    let state = base.join("state");
+    let args = [
+        "up",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let env = [("TANDEM_LOCK_DIR", locks.to_str().unwrap())];
+    assert_one_clear_line(&args, &env, "cpu0: it is a symbolic link; remove it");
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "the link's target keeps its mode");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:\n");
+    // A directory anyone may write in (as /run/lock/tandem was) is refused, not used.
+    std::fs::remove_file(locks.join("cpu0")).unwrap();
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_one_clear_line(&args, &env, "is writable by group or others (mode 1777)");
+    assert!(!locks.join("cpu0").exists());
+    // A CPU held elsewhere: refused at once, naming the holder.
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let held = std::fs::File::create(locks.join("cpu0")).unwrap();
+    std::fs::set_permissions(locks.join("cpu0"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc_flock(std::os::fd::AsRawFd::as_raw_fd(&held), 1) },
+        0
+    );
+    assert_one_clear_line(
+        &args,
+        &env,
+        &format!("vm 'rt': CPU 0 is in use by a VM of another tandem up, and a realtime VM needs it to itself; it is held by pid {} (", std::process::id()),
+    );
+    drop(held);
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_dir_all(base);
+}

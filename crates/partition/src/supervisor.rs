@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
@@ -527,90 +527,9 @@ fn serve(listener: UnixListener, tx: Sender<Event>) {
     }
 }
 
-/// Takes every lock `plan` needs on host CPUs in `lock_dir`: exclusive for realtime VMs,
-/// shared for the others, so two `tandem up`s cannot put a realtime VM on a CPU the other uses.
-/// The locks last as long as the returned files.
-pub fn lock_cpus(lock_dir: &Path, vms: &[VmPlan]) -> Result<Vec<File>, String> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(lock_dir)
-        .map_err(|e| format!("cannot create {}: {e}", lock_dir.display()))?;
-    let _ = std::fs::set_permissions(lock_dir, std::fs::Permissions::from_mode(0o1777));
-    let mut held = Vec::new();
-    for vm in vms {
-        for &cpu in &vm.cpus {
-            let path = lock_dir.join(format!("cpu{cpu}"));
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o666));
-            let op = if vm.role == Role::Realtime {
-                libc::LOCK_EX
-            } else {
-                libc::LOCK_SH
-            };
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-                return Err(if vm.role == Role::Realtime {
-                    format!("vm '{}': CPU {cpu} is in use by a VM of another tandem up, and a realtime VM needs it to itself", vm.name)
-                } else {
-                    format!(
-                        "vm '{}': CPU {cpu} belongs to a realtime VM of another tandem up",
-                        vm.name
-                    )
-                });
-            }
-            held.push(f);
-        }
-    }
-    Ok(held)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Restart;
-
-    fn vm(name: &str, role: Role, cpus: &[u32]) -> VmPlan {
-        VmPlan {
-            name: name.into(),
-            args: Vec::new(),
-            role,
-            cpus: cpus.to_vec(),
-            restart: Restart::Never,
-            lock_memory: false,
-            hugepages: false,
-        }
-    }
-
-    #[test]
-    fn cpu_locks_keep_two_supervisors_apart() {
-        let dir = std::env::temp_dir().join(format!("tandem-locks-test-{}", std::process::id()));
-        // Each call opens its own files, as another tandem up would.
-        let first = lock_cpus(
-            &dir,
-            &[vm("rt", Role::Realtime, &[0]), vm("g", Role::General, &[1])],
-        )
-        .unwrap();
-        let e = lock_cpus(&dir, &[vm("x", Role::General, &[0])]).unwrap_err();
-        assert_eq!(
-            e,
-            "vm 'x': CPU 0 belongs to a realtime VM of another tandem up"
-        );
-        let e = lock_cpus(&dir, &[vm("y", Role::Realtime, &[1])]).unwrap_err();
-        assert_eq!(
-            e,
-            "vm 'y': CPU 1 is in use by a VM of another tandem up, and a realtime VM needs it to itself"
-        );
-        // General VMs may share a CPU across supervisors.
-        let shared = lock_cpus(&dir, &[vm("z", Role::General, &[1])]).unwrap();
-        drop((first, shared));
-        // Once the first supervisor is gone, its CPUs are free.
-        lock_cpus(&dir, &[vm("w", Role::Realtime, &[0])]).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn exit_statuses_read_as_people_say_them() {
