@@ -217,14 +217,15 @@ pub fn up(args: UpArgs) -> ExitCode {
             EXIT_USAGE,
         );
     }
-    // One doorbell eventfd per channel member, inherited by every VM process (not
-    // close-on-exec); they live as long as the supervisor, so restarted VMs find them again.
+    // One doorbell eventfd per channel member, inherited only by the channel's members (each
+    // VM's process clears close-on-exec on its own); they live as long as the supervisor, so
+    // restarted VMs find them again.
     let mut doorbells = Vec::new();
     for ch in &config.channels {
         let mut fds = Vec::new();
         for _ in ch.members.get_ref() {
             // SAFETY: eventfd creates a new descriptor, owned by this process until it exits.
-            let fd = unsafe { libc::eventfd(0, 0) };
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             if fd < 0 {
                 return fail(format!("eventfd: {}", std::io::Error::last_os_error()), 1);
             }
@@ -265,7 +266,10 @@ pub fn up(args: UpArgs) -> ExitCode {
     };
     // Every VM's own checks (images, disks, ports, KVM, placement) before any VM starts.
     for vm in &vms {
-        let out = Command::new(&exe).args(&vm.args).arg("--dry-run").output();
+        let mut cmd = Command::new(&exe);
+        cmd.args(&vm.args).arg("--dry-run");
+        supervisor::inherit(&mut cmd, vm.inherit.clone());
+        let out = cmd.output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => {

@@ -79,6 +79,30 @@ pub fn block_signals() {
     }
 }
 
+/// Lets `cmd`'s process inherit `fds` (each VM's doorbells and CPU locks) and no other
+/// descriptor above 2, not even one the supervisor itself inherited without close-on-exec.
+pub fn inherit(cmd: &mut Command, fds: Vec<i32>) {
+    // SAFETY: between fork and exec only close_range and fcntl (async-signal-safe system calls)
+    // on the child's own descriptor table; the parent's flags are not touched.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Kernels before 5.11 lack the flag: then only tandem's own are close-on-exec.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 fn describe(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(0), _) => "powered off".into(),
@@ -123,6 +147,7 @@ impl Supervisor {
                 Ok(())
             });
         }
+        inherit(&mut cmd, vm.plan.inherit.clone());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -528,16 +553,5 @@ fn serve(listener: UnixListener, tx: Sender<Event>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_statuses_read_as_people_say_them() {
-        use std::os::unix::process::ExitStatusExt;
-        let s = |raw: i32| std::process::ExitStatus::from_raw(raw);
-        assert_eq!(describe(s(0)), "powered off");
-        assert_eq!(describe(s(3 << 8)), "guest kernel panic (status 3)");
-        assert_eq!(describe(s(143 << 8)), "stopped by signal 15 (status 143)");
-        assert_eq!(describe(s(9)), "killed by signal 9");
-    }
-}
+#[path = "supervisor_tests.rs"]
+mod tests;
