@@ -135,12 +135,19 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let supervisor = std::process::id() as i32;
         // SAFETY: between fork and exec only async-signal-safe calls: a process group of its
-        // own (the terminal's Ctrl-C goes to the supervisor, which stops VMs in order), and the
-        // supervisor's blocked signals unblocked.
+        // own (the terminal's Ctrl-C goes to the supervisor, which stops VMs in order); SIGTERM
+        // when the supervisor dies, even by SIGKILL (a VM never runs on unsupervised; it shuts
+        // down cleanly, and its CPU locks, which it inherits, go with it), unless it died
+        // before that was set; and the supervisor's blocked signals unblocked.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != supervisor {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -280,6 +287,10 @@ impl Supervisor {
 
     /// Starts every VM and supervises them until `down`, a termination signal, or until none is
     /// left running or due to restart. Returns the exit status for the supervisor.
+    ///
+    /// Each VM gets SIGTERM when the thread that started it ends (`PR_SET_PDEATHSIG` follows
+    /// the thread, not the process): this thread starts them all, so call this from the main
+    /// thread, or one that lives as long as the supervisor.
     pub fn run(self) -> i32 {
         let (tx, rx) = mpsc::channel();
         let socket = self.socket();

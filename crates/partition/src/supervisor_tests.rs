@@ -96,3 +96,118 @@ fn exit_statuses_read_as_people_say_them() {
     assert_eq!(describe(s(143 << 8)), "stopped by signal 15 (status 143)");
     assert_eq!(describe(s(9)), "killed by signal 9");
 }
+
+/// Where [`helper_supervisor`] keeps its state, when it is run by the test that kills it.
+const HELPER_DIR: &str = "TANDEM_SUPERVISOR_TEST_DIR";
+
+fn orphan_vms() -> Vec<VmPlan> {
+    vec![
+        VmPlan {
+            role: Role::Realtime,
+            cpus: vec![0],
+            ..sh_vm("rt", "exec sleep 600", Vec::new())
+        },
+        VmPlan {
+            cpus: vec![1],
+            ..sh_vm("gp", "exec sleep 600", Vec::new())
+        },
+    ]
+}
+
+/// Not a test of its own: the supervisor that the test below runs in a process of its own (as
+/// `tandem up` would, CPU locks taken) and kills.
+#[test]
+#[ignore = "run by when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus"]
+fn helper_supervisor() {
+    let Some(dir) = std::env::var_os(HELPER_DIR).map(PathBuf::from) else {
+        return;
+    };
+    let mut vms = orphan_vms();
+    let locks = crate::locks::lock_cpus(&dir.join("locks"), &vms).unwrap();
+    for (i, vm) in vms.iter_mut().enumerate() {
+        vm.inherit.extend(locks.fds(i));
+    }
+    Supervisor {
+        exe: "/bin/sh".into(),
+        state_dir: dir,
+        vms,
+        channels: Vec::new(),
+    }
+    .run();
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+}
+
+#[test]
+fn when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus() {
+    use std::io::BufRead;
+    let dir = scratch("orphans");
+    let mut sup = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "supervisor::tests::helper_supervisor",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(HELPER_DIR, &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pids = Vec::new();
+    let mut seen = String::new();
+    for line in BufReader::new(sup.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(pid) = line
+            .split("started (pid ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            pids.push(pid);
+            if pids.len() == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(pids.len(), 2, "{seen}");
+    // While the supervisor runs, its CPUs are taken, and each VM holds its own CPU's lock too
+    // (had it outlived the supervisor, no new one could take its CPU).
+    assert!(crate::locks::lock_cpus(&dir.join("locks"), &orphan_vms()).is_err());
+    for (pid, cpu) in pids.iter().zip(["cpu0", "cpu1"]) {
+        let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(held.contains(&dir.join("locks").join(cpu)), "{pid}: {held:?}");
+    }
+    send_signal(sup.id(), libc::SIGKILL);
+    sup.wait().unwrap();
+    let killed = Instant::now();
+    // Bounded, so that a failure ends the test; the VMs go in milliseconds.
+    while pids.iter().any(|&p| alive(p)) && killed.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    for &p in &left {
+        send_signal(p as u32, libc::SIGKILL);
+    }
+    assert!(left.is_empty(), "VMs {left:?} outlived their supervisor");
+    eprintln!(
+        "VMs gone {:?} after the supervisor's SIGKILL",
+        killed.elapsed()
+    );
+    // A new supervisor of the same config takes the same CPUs.
+    crate::locks::lock_cpus(&dir.join("locks"), &orphan_vms()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
