@@ -3,19 +3,19 @@
 //! terminal, restart policies with back-off, a control socket, and a clean shutdown on
 //! SIGINT/SIGTERM/SIGHUP.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Role;
 use crate::control::{Request, Response, VmStatus};
+use crate::output::{relay, Log, Terminal, LOG_LIMIT};
 use crate::plan::{ChannelPlan, VmPlan};
 use crate::restart::{Decision, Ending, Tracker};
 
@@ -165,11 +165,7 @@ impl Supervisor {
             }
         };
         let pid = child.id();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&vm.log)
-            .ok();
+        let log = Arc::new(Mutex::new(Log::open(&vm.log, LOG_LIMIT)));
         let name = vm.plan.name.clone();
         let mut readers = Vec::new();
         for (stream, is_err) in [
@@ -188,12 +184,13 @@ impl Supervisor {
                 true,
             ),
         ] {
-            let (Some(stream), log) = (stream, log.as_ref().and_then(|l| l.try_clone().ok()))
-            else {
+            let (Some(stream), log) = (stream, log.clone()) else {
                 continue;
             };
             let name = name.clone();
-            readers.push(thread::spawn(move || relay(stream, log, &name, is_err)));
+            readers.push(thread::spawn(move || {
+                relay(stream, Some(&log), &name, is_err, terminal())
+            }));
         }
         let generation = vm.generation;
         let tx = tx.clone();
@@ -496,21 +493,10 @@ impl Supervisor {
     }
 }
 
-/// Copies a VM's output, line by line, to its log and (prefixed) to the terminal.
-fn relay(stream: Box<dyn std::io::Read + Send>, mut log: Option<File>, name: &str, is_err: bool) {
-    let reader = BufReader::new(stream);
-    for line in reader.split(b'\n').map_while(Result::ok) {
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches('\r');
-        if let Some(log) = log.as_mut() {
-            let _ = writeln!(log, "{text}");
-        }
-        if is_err {
-            eprintln!("{name:>10} | {text}");
-        } else {
-            println!("{name:>10} | {text}");
-        }
-    }
+/// The terminal every VM's output goes to: never waited for (see [`crate::output`]).
+fn terminal() -> &'static Terminal {
+    static TERMINAL: OnceLock<Terminal> = OnceLock::new();
+    TERMINAL.get_or_init(Terminal::stdio)
 }
 
 fn wait_signals(tx: Sender<Event>) {
@@ -530,37 +516,29 @@ fn wait_signals(tx: Sender<Event>) {
     }
 }
 
+/// Serves the control socket (see [`crate::control::serve`]): each request goes to the
+/// supervising loop, which answers it.
 fn serve(listener: UnixListener, tx: Sender<Event>) {
-    for stream in listener.incoming().map_while(Result::ok) {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let Ok(mut w) = stream.try_clone() else {
-                return;
-            };
-            if BufReader::new(stream).read_line(&mut line).is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => {
-                    let (rtx, rrx) = mpsc::channel();
-                    if tx.send(Event::Command(req, rtx)).is_err() {
-                        return;
-                    }
-                    rrx.recv().unwrap_or_default()
-                }
-                Err(e) => Response {
+    let tx = Mutex::new(tx);
+    crate::control::serve(
+        listener,
+        move |req| {
+            let (rtx, rrx) = mpsc::channel();
+            let sent = tx
+                .lock()
+                .map(|tx| tx.send(Event::Command(req, rtx)).is_ok())
+                .unwrap_or(false);
+            match sent.then(|| rrx.recv_timeout(STOP_GRACE)) {
+                Some(Ok(resp)) => resp,
+                _ => Response {
                     ok: false,
-                    error: Some(format!("bad request: {e}")),
+                    error: Some("the supervisor did not answer".into()),
                     vms: Vec::new(),
                 },
-            };
-            if let Ok(mut text) = serde_json::to_string(&resp) {
-                text.push('\n');
-                let _ = w.write_all(text.as_bytes());
             }
-        });
-    }
+        },
+        crate::control::CLIENT_TIMEOUT,
+    );
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::config::Restart;
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tandem-sup-{name}-{}", std::process::id()));
@@ -114,7 +116,35 @@ fn orphan_vms() -> Vec<VmPlan> {
     ]
 }
 
-/// Not a test of its own: the supervisor that the test below runs in a process of its own (as
+/// Set for [`helper_supervisor`] to run the [`FLOOD`] VM instead.
+const HELPER_FLOOD: &str = "TANDEM_SUPERVISOR_TEST_FLOOD";
+
+/// A VM that prints far more than a pipe holds, then says so.
+const FLOOD: &str = r#"i=0; while [ $i -lt 20000 ]; do echo "line $i"; i=$((i+1)); done; echo done; exec sleep 600"#;
+
+/// Runs [`helper_supervisor`] in a process of its own with `env`, its stdout and stderr as given.
+fn spawn_helper(
+    dir: &Path,
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "supervisor::tests::helper_supervisor",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(HELPER_DIR, dir)
+        .envs(env.iter().copied())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Not a test of its own: the supervisor that the tests below run in a process of its own (as
 /// `tandem up` would, CPU locks taken) and kills.
 #[test]
 #[ignore = "run by when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus"]
@@ -122,6 +152,17 @@ fn helper_supervisor() {
     let Some(dir) = std::env::var_os(HELPER_DIR).map(PathBuf::from) else {
         return;
     };
+    if std::env::var_os(HELPER_FLOOD).is_some() {
+        let vms = vec![sh_vm("flood", FLOOD, Vec::new())];
+        Supervisor {
+            exe: "/bin/sh".into(),
+            state_dir: dir,
+            vms,
+            channels: Vec::new(),
+        }
+        .run();
+        return;
+    }
     let mut vms = orphan_vms();
     let locks = crate::locks::lock_cpus(&dir.join("locks"), &vms).unwrap();
     for (i, vm) in vms.iter_mut().enumerate() {
@@ -146,20 +187,8 @@ fn alive(pid: i32) -> bool {
 
 #[test]
 fn when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus() {
-    use std::io::BufRead;
     let dir = scratch("orphans");
-    let mut sup = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "supervisor::tests::helper_supervisor",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(HELPER_DIR, &dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut sup = spawn_helper(&dir, &[], Stdio::null(), Stdio::piped());
     let mut pids = Vec::new();
     let mut seen = String::new();
     for line in BufReader::new(sup.stderr.take().unwrap())
@@ -189,7 +218,10 @@ fn when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus() {
             .unwrap()
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .collect();
-        assert!(held.contains(&dir.join("locks").join(cpu)), "{pid}: {held:?}");
+        assert!(
+            held.contains(&dir.join("locks").join(cpu)),
+            "{pid}: {held:?}"
+        );
     }
     send_signal(sup.id(), libc::SIGKILL);
     sup.wait().unwrap();
@@ -209,5 +241,32 @@ fn when_the_supervisor_is_killed_its_vms_die_and_free_their_cpus() {
     );
     // A new supervisor of the same config takes the same CPUs.
     crate::locks::lock_cpus(&dir.join("locks"), &orphan_vms()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_terminal_that_does_not_read_stalls_no_vm() {
+    let dir = scratch("stall");
+    // The supervisor's stdout is a pipe nobody reads: it is full after 64 KiB.
+    let mut sup = spawn_helper(&dir, &[(HELPER_FLOOD, "1")], Stdio::piped(), Stdio::null());
+    let log = dir.join("flood.log");
+    let done = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .ends_with("line 19999\ndone\n")
+    };
+    // Bounded, so that a failure ends the test; it takes a fraction of a second.
+    let start = Instant::now();
+    while !done() && start.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let finished = done();
+    send_signal(sup.id(), libc::SIGKILL);
+    sup.wait().unwrap();
+    assert!(
+        finished,
+        "the VM's output stopped reaching its log: {} bytes",
+        std::fs::metadata(&log).map_or(0, |m| m.len())
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
