@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tandem_virtio::{BlockConfig, CacheMode};
 
 /// Why a spec was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     /// An element is not `key=value`.
     #[error("'{0}' is not key=value")]
@@ -140,15 +140,24 @@ pub fn parse_channel(spec: &str) -> Result<tandem_vmm::ChannelConfig, SpecError>
                 })?
             }
             "doorbells" => {
+                let bad = SpecError::BadValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                    expected:
+                        "eventfd descriptors, one per peer, each above 2 and none twice: FD/FD/...",
+                };
                 doorbells = v
                     .split('/')
                     .map(str::parse)
                     .collect::<Result<Vec<i32>, _>>()
-                    .map_err(|_| SpecError::BadValue {
-                        key: k.clone(),
-                        value: v.clone(),
-                        expected: "eventfd descriptors, one per peer: FD/FD/...",
-                    })?
+                    .map_err(|_| bad.clone())?;
+                // 0-2 are stdin, stdout and stderr; one descriptor has one owner.
+                let mut seen = doorbells.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                if seen.len() != doorbells.len() || seen.first().is_some_and(|&fd| fd < 3) {
+                    return Err(bad);
+                }
             }
             _ => return Err(SpecError::Missing("path")),
         }
@@ -266,5 +275,21 @@ mod tests {
             parse_channel("path=/x,size=1M,id=70000"),
             Err(SpecError::BadValue { .. })
         ));
+        assert_eq!(
+            parse_channel("path=/x,size=1M,doorbells=5/6")
+                .unwrap()
+                .doorbells,
+            [5, 6]
+        );
+        // Standard streams, and one descriptor for two peers, are refused.
+        for bad in ["0/6", "5/2", "5/5", "5/x", "-1/4"] {
+            assert!(
+                matches!(
+                    parse_channel(&format!("path=/x,size=1M,doorbells={bad}")),
+                    Err(SpecError::BadValue { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -65,16 +65,11 @@ impl StateArgs {
     }
 }
 
-/// Where CPU claims of every `tandem up` on this host meet.
+/// Where the CPU claims of `tandem up`s meet: `$TANDEM_LOCK_DIR` (checked like any other),
+/// else root's host-wide directory or the user's own (see [`tandem_partition::locks`]).
 fn lock_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TANDEM_LOCK_DIR") {
-        return d.into();
-    }
-    if Path::new("/run/lock").is_dir() {
-        "/run/lock/tandem".into()
-    } else {
-        std::env::temp_dir().join("tandem-locks")
-    }
+    std::env::var_os("TANDEM_LOCK_DIR")
+        .map_or_else(tandem_partition::locks::default_dir, Into::into)
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -222,14 +217,15 @@ pub fn up(args: UpArgs) -> ExitCode {
             EXIT_USAGE,
         );
     }
-    // One doorbell eventfd per channel member, inherited by every VM process (not
-    // close-on-exec); they live as long as the supervisor, so restarted VMs find them again.
+    // One doorbell eventfd per channel member, inherited only by the channel's members (each
+    // VM's process clears close-on-exec on its own); they live as long as the supervisor, so
+    // restarted VMs find them again.
     let mut doorbells = Vec::new();
     for ch in &config.channels {
         let mut fds = Vec::new();
         for _ in ch.members.get_ref() {
             // SAFETY: eventfd creates a new descriptor, owned by this process until it exits.
-            let fd = unsafe { libc::eventfd(0, 0) };
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             if fd < 0 {
                 return fail(format!("eventfd: {}", std::io::Error::last_os_error()), 1);
             }
@@ -237,11 +233,15 @@ pub fn up(args: UpArgs) -> ExitCode {
         }
         doorbells.push(fds);
     }
-    let (vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
-    let _cpu_locks = match supervisor::lock_cpus(&lock_dir(), &vms) {
+    let (mut vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
+    // Held here for the supervisor's life, and inherited by each VM's process for its own.
+    let cpu_locks = match tandem_partition::locks::lock_cpus(&lock_dir(), &vms) {
         Ok(l) => l,
         Err(e) => return fail(e, EXIT_USAGE),
     };
+    for (i, vm) in vms.iter_mut().enumerate() {
+        vm.inherit.extend(cpu_locks.fds(i));
+    }
     let cleanup = |channels: &[tandem_partition::plan::ChannelPlan]| {
         for c in channels {
             let _ = std::fs::remove_file(&c.path);
@@ -266,7 +266,10 @@ pub fn up(args: UpArgs) -> ExitCode {
     };
     // Every VM's own checks (images, disks, ports, KVM, placement) before any VM starts.
     for vm in &vms {
-        let out = Command::new(&exe).args(&vm.args).arg("--dry-run").output();
+        let mut cmd = Command::new(&exe);
+        cmd.args(&vm.args).arg("--dry-run");
+        supervisor::inherit(&mut cmd, vm.inherit.clone());
+        let out = cmd.output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => {

@@ -604,3 +604,138 @@ fn up_refuses_memory_it_could_not_lock() {
     );
     let _ = std::fs::remove_file(cfg);
 }
+
+#[test]
+fn up_refuses_a_lock_directory_with_a_planted_link_or_that_others_may_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let cfg = config_file(
+        "locks",
+        &format!("[[vm]]\nname = \"rt\"\nrole = \"realtime\"\nkernel = \"{k}\"\nmemory = \"64M\"\ncpus = [0]\n"),
+    );
+    let base = std::env::temp_dir().join(format!("tandem-lockdir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let locks = base.join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // What a local user would plant: the lock file as a link to a file only root may write.
+    let target = base.join("shadow");
+    std::fs::write(&target, "root:x:\n").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink(&target, locks.join("cpu0")).unwrap();
+    let state = base.join("state");
+    let args = [
+        "up",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let env = [("TANDEM_LOCK_DIR", locks.to_str().unwrap())];
+    assert_one_clear_line(&args, &env, "cpu0: it is a symbolic link; remove it");
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "the link's target keeps its mode");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:\n");
+    // A directory anyone may write in (as /run/lock/tandem was) is refused, not used.
+    std::fs::remove_file(locks.join("cpu0")).unwrap();
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_one_clear_line(&args, &env, "is writable by group or others (mode 1777)");
+    assert!(!locks.join("cpu0").exists());
+    // A CPU held elsewhere: refused at once, naming the holder.
+    std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let held = std::fs::File::create(locks.join("cpu0")).unwrap();
+    std::fs::set_permissions(locks.join("cpu0"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc_flock(std::os::fd::AsRawFd::as_raw_fd(&held), 1) },
+        0
+    );
+    assert_one_clear_line(
+        &args,
+        &env,
+        &format!("vm 'rt': CPU 0 is in use by a VM of another tandem up, and a realtime VM needs it to itself; it is held by pid {} (", std::process::id()),
+    );
+    drop(held);
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_dir_all(base);
+}
+
+#[test]
+fn doorbells_that_are_not_distinct_eventfds_and_channel_files_behind_links() {
+    use std::os::fd::AsRawFd;
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("tandem-bells-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a");
+    let b = dir.join("b");
+    // Descriptors 10 and 13 are eventfds, 11 a plain file, 12 not open, in tandem's process.
+    // SAFETY: eventfd makes new descriptors, closed when this test ends.
+    let (e1, e2) = unsafe {
+        (
+            libc::eventfd(0, libc::EFD_CLOEXEC),
+            libc::eventfd(0, libc::EFD_CLOEXEC),
+        )
+    };
+    let file = std::fs::File::open(k).unwrap();
+    let f = file.as_raw_fd();
+    let cmd = || {
+        let mut c = tandem_cmd(false);
+        // SAFETY: dup2 and close are async-signal-safe and act on the child's table only.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(move || {
+                libc::dup2(e1, 10);
+                libc::dup2(f, 11);
+                libc::close(12);
+                libc::dup2(e2, 13);
+                Ok(())
+            });
+        }
+        c
+    };
+    let ch = |p: &std::path::Path, bells: &str| {
+        format!("path={},size=4K,doorbells={bells}", p.display())
+    };
+    let run = |specs: &[String], expect: &str| {
+        let mut args = vec!["run", "--kernel", k, "--dry-run"];
+        for s in specs {
+            args.extend(["--channel", s.as_str()]);
+        }
+        assert_one_clear_line_from(cmd(), &args, &[], expect);
+    };
+    let expected = "expected eventfd descriptors, one per peer, each above 2 and none twice";
+    run(&[ch(&a, "0/10")], &format!("doorbells=0/10: {expected}"));
+    run(&[ch(&a, "10/10")], &format!("doorbells=10/10: {expected}"));
+    run(
+        &[ch(&a, "10/11")],
+        &format!("doorbells: descriptor 11 is not an eventfd ({k})"),
+    );
+    run(&[ch(&a, "10/12")], "doorbells: descriptor 12 is not open");
+    run(
+        &[ch(&a, "10/13"), ch(&b, "13/10")],
+        &format!(
+            "channel {}: doorbells: descriptor 13 is given to another channel too",
+            b.display()
+        ),
+    );
+    // A link where the channel's file goes is refused, not followed.
+    let target = dir.join("target");
+    std::fs::write(&target, "").unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let spec = format!("path={},size=4K", link.display());
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--dry-run", "--channel", &spec],
+        &[],
+        &format!("channel {}: it is a symbolic link", link.display()),
+    );
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 0);
+    // SAFETY: closing the descriptors made above.
+    unsafe {
+        libc::close(e1);
+        libc::close(e2);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -138,3 +138,87 @@ record logs sh -c 'ls /tmp/st; grep -c tick /tmp/st/rt.log'
     assert!(up.contains("supervisor-status=0"), "{up}");
     assert!(case(&cases, &all, "logs").output.contains("rt.log"));
 }
+
+/// Two partitions under a supervisor whose stdout is a pipe nobody reads: the realtime guest's
+/// output still reaches its log, far past what the pipe holds. Then the supervisor is killed
+/// with SIGKILL: its VMs go with it, and a new `tandem up` of the same config takes their CPUs.
+#[test]
+fn a_stalled_terminal_stalls_no_vm_and_a_killed_supervisor_takes_its_vms_along() {
+    let pad = ".".repeat(90);
+    let rt = exec_cmdline(&format!(
+        "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); echo tick $i {pad}; done"
+    ));
+    let gp = exec_cmdline("echo gp-alive; sleep 600");
+    let script = format!(
+        r#"
+cat >/tmp/q.toml <<'TOML'
+[[vm]]
+name = "rt"
+role = "realtime"
+kernel = "/guests/vmlinuz-rt"
+initrd = "/guests/initramfs.cpio.gz"
+cmdline = '{rt}'
+memory = "256M"
+cpus = [1]
+
+[[vm]]
+name = "gp"
+kernel = "/guests/vmlinuz"
+initrd = "/guests/initramfs.cpio.gz"
+cmdline = '{gp}'
+memory = "256M"
+cpus = [0]
+TOML
+# Held open here and never read: full after 64 KiB.
+mkfifo /tmp/stall
+exec 3<>/tmp/stall
+tandem up /tmp/q.toml --state-dir /tmp/s1 >/tmp/stall 2>/tmp/s1.err &
+sup=$!
+ticks() {{ cat /tmp/s1/rt.log 2>/dev/null | grep -c '^tick'; }}
+i=0; while [ $i -lt 600 ] && [ "$(ticks)" -lt 3000 ]; do sleep 0.5; i=$((i+1)); done
+record ticks sh -c "cat /tmp/s1/rt.log | grep -c '^tick'; ls -l /tmp/s1; cat /tmp/s1.err"
+pids=$(tandem ps --state-dir /tmp/s1 | awk 'NR > 1 {{print $4}}' | tr '\n' ' ')
+kill -KILL $sup
+alive() {{ for p in $pids; do [ -d /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status && echo $p; done; }}
+i=0; while [ $i -lt 100 ] && [ -n "$(alive)" ]; do sleep 0.1; i=$((i+1)); done
+record orphans sh -c "echo pids $pids; echo alive $(alive); echo waited $i tenths"
+record again tandem up /tmp/q.toml --detach --state-dir /tmp/s2
+record down tandem down --state-dir /tmp/s2
+"#
+    );
+    let (cases, all) = run_script(&script);
+    let ticks = &case(&cases, &all, "ticks").output;
+    let n: u64 = ticks
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    // About 100 bytes a line: 3000 lines are four times what the pipe and the terminal queue
+    // hold together.
+    assert!(
+        n >= 3000,
+        "the guest's output stopped reaching its log:\n{ticks}"
+    );
+    eprintln!("{n} lines of the realtime guest reached its log while the terminal did not read");
+    let orphans = &case(&cases, &all, "orphans").output;
+    assert!(
+        orphans
+            .lines()
+            .any(|l| l.starts_with("pids ") && l.len() > 8),
+        "{orphans}"
+    );
+    assert!(
+        orphans.lines().any(|l| l.trim() == "alive"),
+        "VMs outlived their supervisor:\n{orphans}"
+    );
+    eprintln!("after the supervisor's SIGKILL: {orphans}");
+    let again = case(&cases, &all, "again");
+    assert_eq!(again.rc, 0, "{}", again.output);
+    assert!(
+        again
+            .output
+            .contains("supervisor running in the background"),
+        "{}",
+        again.output
+    );
+}

@@ -22,6 +22,9 @@ pub struct VmPlan {
     pub lock_memory: bool,
     /// Huge pages.
     pub hugepages: bool,
+    /// Descriptors its process inherits: its channels' doorbells (and, added by `tandem up`,
+    /// its CPU locks). All others are close-on-exec.
+    pub inherit: Vec<i32>,
 }
 
 /// A channel's shared memory file.
@@ -110,12 +113,14 @@ pub fn plan(
             for f in &vm.forwards {
                 a.extend(["--forward".into(), f.get_ref().clone()]);
             }
+            let mut inherit = Vec::new();
             for (c, (ch, spec)) in channels.iter().zip(&config.channels).enumerate() {
                 if let Some(id) = spec.members.get_ref().iter().position(|m| m == name) {
                     let mut arg =
                         format!("path={},size={}K,id={id}", ch.path.display(), ch.size >> 10);
                     if let Some(fds) = doorbells.get(c).filter(|f| !f.is_empty()) {
                         let list: Vec<String> = fds.iter().map(i32::to_string).collect();
+                        inherit.extend(fds);
                         arg.push_str(&format!(",doorbells={}", list.join("/")));
                     }
                     a.extend(["--channel".into(), arg]);
@@ -129,6 +134,7 @@ pub fn plan(
                 restart: vm.restart,
                 lock_memory: vm.lock_memory,
                 hugepages: vm.hugepages,
+                inherit,
             }
         })
         .collect();
@@ -170,6 +176,9 @@ members = ["gp", "rt"]
         let c = Config::parse(Path::new("p.toml"), text.into()).unwrap();
         let (vms, chans) = plan(&c, Path::new("/run/t"), &(0..4).collect(), &[vec![7, 8]]);
         assert_eq!(chans[0].path, PathBuf::from("/run/t/channel-c"));
+        // Each VM inherits its channels' doorbells, nothing else.
+        assert_eq!(vms[0].inherit, [7, 8]);
+        assert_eq!(vms[1].inherit, [7, 8]);
         assert_eq!(
             vms[0].args.join(" "),
             "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \

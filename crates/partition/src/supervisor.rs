@@ -3,19 +3,19 @@
 //! terminal, restart policies with back-off, a control socket, and a clean shutdown on
 //! SIGINT/SIGTERM/SIGHUP.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Role;
 use crate::control::{Request, Response, VmStatus};
+use crate::output::{relay, Log, Terminal, LOG_LIMIT};
 use crate::plan::{ChannelPlan, VmPlan};
 use crate::restart::{Decision, Ending, Tracker};
 
@@ -79,6 +79,30 @@ pub fn block_signals() {
     }
 }
 
+/// Lets `cmd`'s process inherit `fds` (each VM's doorbells and CPU locks) and no other
+/// descriptor above 2, not even one the supervisor itself inherited without close-on-exec.
+pub fn inherit(cmd: &mut Command, fds: Vec<i32>) {
+    // SAFETY: between fork and exec only close_range and fcntl (async-signal-safe system calls)
+    // on the child's own descriptor table; the parent's flags are not touched.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Kernels before 5.11 lack the flag: then only tandem's own are close-on-exec.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 fn describe(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(0), _) => "powered off".into(),
@@ -111,18 +135,26 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let supervisor = std::process::id() as i32;
         // SAFETY: between fork and exec only async-signal-safe calls: a process group of its
-        // own (the terminal's Ctrl-C goes to the supervisor, which stops VMs in order), and the
-        // supervisor's blocked signals unblocked.
+        // own (the terminal's Ctrl-C goes to the supervisor, which stops VMs in order); SIGTERM
+        // when the supervisor dies, even by SIGKILL (a VM never runs on unsupervised; it shuts
+        // down cleanly, and its CPU locks, which it inherits, go with it), unless it died
+        // before that was set; and the supervisor's blocked signals unblocked.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != supervisor {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
                 Ok(())
             });
         }
+        inherit(&mut cmd, vm.plan.inherit.clone());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -133,11 +165,7 @@ impl Supervisor {
             }
         };
         let pid = child.id();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&vm.log)
-            .ok();
+        let log = Arc::new(Mutex::new(Log::open(&vm.log, LOG_LIMIT)));
         let name = vm.plan.name.clone();
         let mut readers = Vec::new();
         for (stream, is_err) in [
@@ -156,12 +184,13 @@ impl Supervisor {
                 true,
             ),
         ] {
-            let (Some(stream), log) = (stream, log.as_ref().and_then(|l| l.try_clone().ok()))
-            else {
+            let (Some(stream), log) = (stream, log.clone()) else {
                 continue;
             };
             let name = name.clone();
-            readers.push(thread::spawn(move || relay(stream, log, &name, is_err)));
+            readers.push(thread::spawn(move || {
+                relay(stream, Some(&log), &name, is_err, terminal())
+            }));
         }
         let generation = vm.generation;
         let tx = tx.clone();
@@ -255,6 +284,10 @@ impl Supervisor {
 
     /// Starts every VM and supervises them until `down`, a termination signal, or until none is
     /// left running or due to restart. Returns the exit status for the supervisor.
+    ///
+    /// Each VM gets SIGTERM when the thread that started it ends (`PR_SET_PDEATHSIG` follows
+    /// the thread, not the process): this thread starts them all, so call this from the main
+    /// thread, or one that lives as long as the supervisor.
     pub fn run(self) -> i32 {
         let (tx, rx) = mpsc::channel();
         let socket = self.socket();
@@ -460,21 +493,10 @@ impl Supervisor {
     }
 }
 
-/// Copies a VM's output, line by line, to its log and (prefixed) to the terminal.
-fn relay(stream: Box<dyn std::io::Read + Send>, mut log: Option<File>, name: &str, is_err: bool) {
-    let reader = BufReader::new(stream);
-    for line in reader.split(b'\n').map_while(Result::ok) {
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches('\r');
-        if let Some(log) = log.as_mut() {
-            let _ = writeln!(log, "{text}");
-        }
-        if is_err {
-            eprintln!("{name:>10} | {text}");
-        } else {
-            println!("{name:>10} | {text}");
-        }
-    }
+/// The terminal every VM's output goes to: never waited for (see [`crate::output`]).
+fn terminal() -> &'static Terminal {
+    static TERMINAL: OnceLock<Terminal> = OnceLock::new();
+    TERMINAL.get_or_init(Terminal::stdio)
 }
 
 fn wait_signals(tx: Sender<Event>) {
@@ -494,131 +516,31 @@ fn wait_signals(tx: Sender<Event>) {
     }
 }
 
+/// Serves the control socket (see [`crate::control::serve`]): each request goes to the
+/// supervising loop, which answers it.
 fn serve(listener: UnixListener, tx: Sender<Event>) {
-    for stream in listener.incoming().map_while(Result::ok) {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let Ok(mut w) = stream.try_clone() else {
-                return;
-            };
-            if BufReader::new(stream).read_line(&mut line).is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => {
-                    let (rtx, rrx) = mpsc::channel();
-                    if tx.send(Event::Command(req, rtx)).is_err() {
-                        return;
-                    }
-                    rrx.recv().unwrap_or_default()
-                }
-                Err(e) => Response {
+    let tx = Mutex::new(tx);
+    crate::control::serve(
+        listener,
+        move |req| {
+            let (rtx, rrx) = mpsc::channel();
+            let sent = tx
+                .lock()
+                .map(|tx| tx.send(Event::Command(req, rtx)).is_ok())
+                .unwrap_or(false);
+            match sent.then(|| rrx.recv_timeout(STOP_GRACE)) {
+                Some(Ok(resp)) => resp,
+                _ => Response {
                     ok: false,
-                    error: Some(format!("bad request: {e}")),
+                    error: Some("the supervisor did not answer".into()),
                     vms: Vec::new(),
                 },
-            };
-            if let Ok(mut text) = serde_json::to_string(&resp) {
-                text.push('\n');
-                let _ = w.write_all(text.as_bytes());
             }
-        });
-    }
-}
-
-/// Takes every lock `plan` needs on host CPUs in `lock_dir`: exclusive for realtime VMs,
-/// shared for the others, so two `tandem up`s cannot put a realtime VM on a CPU the other uses.
-/// The locks last as long as the returned files.
-pub fn lock_cpus(lock_dir: &Path, vms: &[VmPlan]) -> Result<Vec<File>, String> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(lock_dir)
-        .map_err(|e| format!("cannot create {}: {e}", lock_dir.display()))?;
-    let _ = std::fs::set_permissions(lock_dir, std::fs::Permissions::from_mode(0o1777));
-    let mut held = Vec::new();
-    for vm in vms {
-        for &cpu in &vm.cpus {
-            let path = lock_dir.join(format!("cpu{cpu}"));
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o666));
-            let op = if vm.role == Role::Realtime {
-                libc::LOCK_EX
-            } else {
-                libc::LOCK_SH
-            };
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-                return Err(if vm.role == Role::Realtime {
-                    format!("vm '{}': CPU {cpu} is in use by a VM of another tandem up, and a realtime VM needs it to itself", vm.name)
-                } else {
-                    format!(
-                        "vm '{}': CPU {cpu} belongs to a realtime VM of another tandem up",
-                        vm.name
-                    )
-                });
-            }
-            held.push(f);
-        }
-    }
-    Ok(held)
+        },
+        crate::control::CLIENT_TIMEOUT,
+    );
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Restart;
-
-    fn vm(name: &str, role: Role, cpus: &[u32]) -> VmPlan {
-        VmPlan {
-            name: name.into(),
-            args: Vec::new(),
-            role,
-            cpus: cpus.to_vec(),
-            restart: Restart::Never,
-            lock_memory: false,
-            hugepages: false,
-        }
-    }
-
-    #[test]
-    fn cpu_locks_keep_two_supervisors_apart() {
-        let dir = std::env::temp_dir().join(format!("tandem-locks-test-{}", std::process::id()));
-        // Each call opens its own files, as another tandem up would.
-        let first = lock_cpus(
-            &dir,
-            &[vm("rt", Role::Realtime, &[0]), vm("g", Role::General, &[1])],
-        )
-        .unwrap();
-        let e = lock_cpus(&dir, &[vm("x", Role::General, &[0])]).unwrap_err();
-        assert_eq!(
-            e,
-            "vm 'x': CPU 0 belongs to a realtime VM of another tandem up"
-        );
-        let e = lock_cpus(&dir, &[vm("y", Role::Realtime, &[1])]).unwrap_err();
-        assert_eq!(
-            e,
-            "vm 'y': CPU 1 is in use by a VM of another tandem up, and a realtime VM needs it to itself"
-        );
-        // General VMs may share a CPU across supervisors.
-        let shared = lock_cpus(&dir, &[vm("z", Role::General, &[1])]).unwrap();
-        drop((first, shared));
-        // Once the first supervisor is gone, its CPUs are free.
-        lock_cpus(&dir, &[vm("w", Role::Realtime, &[0])]).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn exit_statuses_read_as_people_say_them() {
-        use std::os::unix::process::ExitStatusExt;
-        let s = |raw: i32| std::process::ExitStatus::from_raw(raw);
-        assert_eq!(describe(s(0)), "powered off");
-        assert_eq!(describe(s(3 << 8)), "guest kernel panic (status 3)");
-        assert_eq!(describe(s(143 << 8)), "stopped by signal 15 (status 143)");
-        assert_eq!(describe(s(9)), "killed by signal 9");
-    }
-}
+#[path = "supervisor_tests.rs"]
+mod tests;

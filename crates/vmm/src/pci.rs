@@ -91,8 +91,35 @@ pub enum ChannelError {
     },
 }
 
+/// What `/proc/self/fd/N` reads for an eventfd.
+const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
+
+/// Doorbell descriptors this process has taken ownership of: each exactly once.
+static CLAIMED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Checks every channel's doorbells (see [`ChannelConfig::check_doorbells`]) and that no
+/// descriptor serves two channels.
+pub fn check_channels(channels: &[ChannelConfig]) -> Result<(), ChannelError> {
+    let mut seen = Vec::new();
+    for c in channels {
+        c.check_doorbells()?;
+        for &fd in &c.doorbells {
+            if seen.contains(&fd) {
+                return Err(ChannelError::Doorbells {
+                    path: c.path.clone(),
+                    why: format!("descriptor {fd} is given to another channel too"),
+                });
+            }
+            seen.push(fd);
+        }
+    }
+    Ok(())
+}
+
 impl ChannelConfig {
-    /// Checks that the doorbell descriptors cover this VM's peer ID and are open.
+    /// Checks that the doorbell descriptors cover this VM's peer ID, are distinct, are not the
+    /// standard streams and are open eventfds; marks them close-on-exec, so that no program
+    /// tandem starts (nft) inherits them.
     pub fn check_doorbells(&self) -> Result<(), ChannelError> {
         if self.doorbells.is_empty() {
             return Ok(());
@@ -108,17 +135,52 @@ impl ChannelConfig {
                 self.peer_id
             )));
         }
-        for &fd in &self.doorbells {
-            // SAFETY: F_GETFD only inspects the descriptor table.
-            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                return Err(bad(format!("descriptor {fd} is not open")));
+        for (i, &fd) in self.doorbells.iter().enumerate() {
+            if fd < 3 {
+                return Err(bad(format!(
+                    "descriptor {fd} is a standard stream, not an eventfd"
+                )));
             }
+            if self.doorbells[..i].contains(&fd) {
+                return Err(bad(format!("descriptor {fd} is given twice")));
+            }
+            match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+                Err(_) => return Err(bad(format!("descriptor {fd} is not open"))),
+                Ok(l) if l.as_os_str() != EVENTFD_LINK => {
+                    return Err(bad(format!(
+                        "descriptor {fd} is not an eventfd ({})",
+                        l.display()
+                    )))
+                }
+                Ok(_) => {}
+            }
+            // SAFETY: F_SETFD on a descriptor checked open above; it changes only its flags.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
         Ok(())
     }
 
-    /// Opens (creating it when missing) the shared object, checking its size.
+    /// Takes ownership of doorbell `fd` (checked by [`Self::check_doorbells`]); a descriptor
+    /// is taken at most once in a process, so it is closed exactly once.
+    fn claim(&self, fd: i32) -> Result<EventFd, ChannelError> {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+        if claimed.contains(&fd) {
+            return Err(ChannelError::Doorbells {
+                path: self.path.clone(),
+                why: format!("descriptor {fd} is already in use"),
+            });
+        }
+        claimed.push(fd);
+        // SAFETY: the descriptor is an open eventfd (checked), handed to this process for the
+        // VM's lifetime, and the registry above lets only this one EventFd own it.
+        Ok(unsafe { EventFd::from_raw_fd(fd) })
+    }
+
+    /// Opens the shared object without following a symbolic link: a missing one is created,
+    /// mode 0600, with `size` bytes (`O_EXCL`: never someone else's file that appeared
+    /// meanwhile); an existing one must be a plain file of this user's, of that size.
     pub fn open(&self) -> Result<File, ChannelError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         if !self.size.is_power_of_two() || self.size < MIN_CHANNEL_SIZE {
             return Err(ChannelError::Size {
                 path: self.path.clone(),
@@ -129,14 +191,34 @@ impl ChannelConfig {
             path: self.path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
+        let mut opts = OpenOptions::new();
+        opts.read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.path)
-            .map_err(open_err)?;
-        let actual = file.metadata().map_err(open_err)?.len();
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY);
+        let file = match opts.clone().create_new(true).mode(0o600).open(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => opts.open(&self.path),
+            other => other,
+        }
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                open_err(std::io::Error::other("it is a symbolic link"))
+            } else {
+                open_err(e)
+            }
+        })?;
+        let meta = file.metadata().map_err(open_err)?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() {
+            return Err(open_err(std::io::Error::other("not a plain file")));
+        }
+        if meta.uid() != euid {
+            return Err(open_err(std::io::Error::other(format!(
+                "it belongs to uid {}, not to uid {euid} running tandem",
+                meta.uid()
+            ))));
+        }
+        let actual = meta.len();
         if actual == 0 {
             file.set_len(self.size).map_err(open_err)?;
         } else if actual != self.size {
@@ -309,9 +391,7 @@ impl PciDevices {
         if doorbell {
             let gsi = crate::layout::pci_intx_gsi(slot);
             for (peer, &fd) in channel.doorbells.iter().enumerate() {
-                // SAFETY: the supervisor handed this process the descriptor for the VM's
-                // lifetime; it is checked open above and owned from here on.
-                let efd = unsafe { EventFd::from_raw_fd(fd) };
+                let efd = channel.claim(fd)?;
                 if peer == usize::from(channel.peer_id) {
                     vm.register_irqfd(&efd, gsi)
                         .map_err(VmError::kvm("KVM_IRQFD"))?;
@@ -380,6 +460,94 @@ mod tests {
         let odd = ChannelConfig { size: 5000, ..c };
         assert!(matches!(odd.open(), Err(ChannelError::Size { .. })));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_channel_file_is_created_owner_only_and_never_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = scratch("mode");
+        let c = ChannelConfig {
+            path: path.clone(),
+            size: 4096,
+            peer_id: 0,
+            doorbells: Vec::new(),
+        };
+        c.open().unwrap();
+        let mode = |p: &PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        // A link planted where the file goes: refused, its target untouched.
+        let target = scratch("target");
+        std::fs::write(&target, "").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = scratch("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = ChannelConfig {
+            path: link.clone(),
+            ..c.clone()
+        }
+        .open()
+        .unwrap_err();
+        assert!(e.to_string().ends_with("it is a symbolic link"), "{e}");
+        assert_eq!(std::fs::metadata(&target).unwrap().len(), 0);
+        assert_eq!(mode(&target), 0o644);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Another user's file is not this VM's shared memory.
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = c.open().unwrap_err();
+            assert!(
+                e.to_string().contains("belongs to uid 65534, not to uid 0"),
+                "{e}"
+            );
+        }
+        for p in [path, target, link] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn doorbells_must_be_distinct_open_eventfds_and_not_the_standard_streams() {
+        let e1 = EventFd::new(0).unwrap();
+        let e2 = EventFd::new(0).unwrap();
+        let file = File::open("/proc/self/status").unwrap();
+        use std::os::fd::AsRawFd;
+        let (a, b, f) = (e1.as_raw_fd(), e2.as_raw_fd(), file.as_raw_fd());
+        let ch = |path: &str, doorbells: Vec<i32>| ChannelConfig {
+            path: path.into(),
+            size: 4096,
+            peer_id: 0,
+            doorbells,
+        };
+        let why = |c: &[ChannelConfig]| check_channels(c).unwrap_err().to_string();
+        check_channels(&[ch("/x", vec![a, b])]).unwrap();
+        assert!(why(&[ch("/x", vec![a, f])]).ends_with(&format!(
+            "doorbells: descriptor {f} is not an eventfd (/proc/{}/status)",
+            std::process::id()
+        )));
+        assert!(why(&[ch("/x", vec![0, a])])
+            .ends_with("descriptor 0 is a standard stream, not an eventfd"));
+        assert!(why(&[ch("/x", vec![a, a])]).ends_with(&format!("descriptor {a} is given twice")));
+        assert!(why(&[ch("/x", vec![a, 999_999])]).ends_with("descriptor 999999 is not open"));
+        assert!(
+            why(&[ch("/x", vec![a, b]), ch("/y", vec![b])]).ends_with(&format!(
+                "channel /y: doorbells: descriptor {b} is given to another channel too"
+            ))
+        );
+        // Checked descriptors are close-on-exec: no program tandem starts inherits them.
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        assert_eq!(
+            unsafe { libc::fcntl(a, libc::F_GETFD) } & libc::FD_CLOEXEC,
+            libc::FD_CLOEXEC
+        );
+        // Each is owned once: a second claim is refused (and nothing is closed twice).
+        let c = ch("/x", vec![a]);
+        let owned = c.claim(a).unwrap();
+        assert!(c
+            .claim(a)
+            .unwrap_err()
+            .to_string()
+            .ends_with("is already in use"));
+        std::mem::forget(owned);
     }
 
     #[test]

@@ -244,8 +244,8 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
     }
     for c in &cfg.channels {
         c.open()?;
-        c.check_doorbells()?;
     }
+    crate::pci::check_channels(&cfg.channels)?;
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
