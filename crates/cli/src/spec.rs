@@ -32,6 +32,9 @@ pub enum SpecError {
         /// What would be accepted.
         expected: &'static str,
     },
+    /// An interface name that Linux, nft or /proc paths would not take as it is.
+    #[error("tap={0:?}: not a valid interface name (1 to 15 of A-Z a-z 0-9 - _ .)")]
+    InterfaceName(String),
     /// A required key is absent.
     #[error("'{0}=' is required")]
     Missing(&'static str),
@@ -168,7 +171,12 @@ pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), Spe
     let mut guest = None;
     for (k, v) in pairs(spec, KEYS)? {
         match k.as_str() {
-            "tap" if !v.is_empty() => name = Some(v),
+            "tap" if !v.is_empty() => {
+                if tandem_net::tap::Tap::check_name(&v).is_err() {
+                    return Err(SpecError::InterfaceName(v));
+                }
+                name = Some(v)
+            }
             "guest-ip" => {
                 guest = Some(v.parse().map_err(|_| SpecError::BadValue {
                     key: k,
@@ -243,6 +251,18 @@ mod tests {
             parse_tap("guest-ip=10.0.0.2"),
             Err(SpecError::Missing("tap"))
         );
+        for bad in [
+            "tap=t\";x",
+            "tap=a b",
+            "tap=t{",
+            "tap=..",
+            "tap=x234567890123456",
+        ] {
+            assert!(
+                matches!(parse_tap(bad), Err(SpecError::InterfaceName(_))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             parse_tap("tap=t1,mac=x"),
             Err(SpecError::UnknownKey { .. })

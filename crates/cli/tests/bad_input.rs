@@ -285,6 +285,14 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
             vec!["--net", "tap=a-name-that-is-too-long"],
             "not a valid interface name",
         ),
+        // Names that would change the meaning of tandem's nft script or of a /proc path.
+        (
+            vec!["--net", "tap=t\";x,guest-ip=10.0.0.2"],
+            "tap=\"t\\\";x\": not a valid interface name",
+        ),
+        (vec!["--net", "tap=t{"], "not a valid interface name"),
+        (vec!["--net", "tap=a b"], "not a valid interface name"),
+        (vec!["--net", "tap=.."], "not a valid interface name"),
         (
             vec!["--net", "tap=tap0", "--forward", "2222:22"],
             "--forward with --net tap needs the guest's address: --net tap=NAME,guest-ip=ADDR",
