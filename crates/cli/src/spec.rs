@@ -190,6 +190,41 @@ pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), Spe
     Ok((name.ok_or(SpecError::Missing("tap"))?, guest))
 }
 
+/// Parses `--net user[,restrict=on|off][,host-loopback=on|off|PORT/PORT...][,link-local=on|off]`.
+pub fn parse_user(spec: &str) -> Result<tandem_net::user::Policy, SpecError> {
+    use tandem_net::user::{HostLoopback, Policy};
+    const KEYS: &[&str] = &["restrict", "host-loopback", "link-local"];
+    let mut p = Policy::default();
+    let rest = match spec.strip_prefix("user") {
+        Some("") => return Ok(p),
+        Some(r) => r.strip_prefix(',').ok_or(SpecError::Missing("user"))?,
+        None => return Err(SpecError::Missing("user")),
+    };
+    for (k, v) in pairs(rest, KEYS)? {
+        match k.as_str() {
+            "restrict" => p.restrict = on_off(&k, &v)?,
+            "link-local" => p.link_local = on_off(&k, &v)?,
+            _ => {
+                p.host_loopback = match on_off(&k, &v) {
+                    Ok(true) => HostLoopback::All,
+                    Ok(false) => HostLoopback::None,
+                    Err(_) => HostLoopback::Ports(
+                        v.split('/')
+                            .map(|p| p.parse::<u16>().ok().filter(|&p| p > 0))
+                            .collect::<Option<Vec<u16>>>()
+                            .ok_or_else(|| SpecError::BadValue {
+                                key: k.clone(),
+                                value: v.clone(),
+                                expected: "on, off or host ports: PORT/PORT/...",
+                            })?,
+                    ),
+                }
+            }
+        }
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +302,48 @@ mod tests {
             parse_tap("tap=t1,mac=x"),
             Err(SpecError::UnknownKey { .. })
         ));
+    }
+
+    #[test]
+    fn user_specs() {
+        use tandem_net::user::{HostLoopback, Policy};
+        assert_eq!(parse_user("user"), Ok(Policy::default()));
+        assert_eq!(
+            parse_user("user,restrict=on,host-loopback=off,link-local=on"),
+            Ok(Policy {
+                restrict: true,
+                host_loopback: HostLoopback::None,
+                link_local: true,
+            })
+        );
+        assert_eq!(
+            parse_user("user,host-loopback=8000/8001").map(|p| p.host_loopback),
+            Ok(HostLoopback::Ports(vec![8000, 8001]))
+        );
+        for bad in [
+            "user,restrict=maybe",
+            "user,host-loopback=0",
+            "user,host-loopback=8000/x",
+            "user,host-loopback=",
+            "user,link-local=1",
+        ] {
+            assert!(
+                matches!(parse_user(bad), Err(SpecError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_user("user,mac=x"),
+            Err(SpecError::UnknownKey { .. })
+        ));
+        assert_eq!(
+            parse_user("user,restrict=on,restrict=off"),
+            Err(SpecError::Duplicate("restrict".into()))
+        );
+        assert_eq!(
+            parse_user("user,"),
+            Err(SpecError::NotKeyValue(String::new()))
+        );
     }
 
     #[test]

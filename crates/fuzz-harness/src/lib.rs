@@ -277,7 +277,10 @@ pub fn net_frames(data: &[u8]) {
             None => {
                 // Restricted: fuzzed SYNs and datagrams must not reach real hosts.
                 let cfg = UserNetConfig {
-                    restrict: true,
+                    policy: tandem_net::user::Policy {
+                        restrict: true,
+                        ..Default::default()
+                    },
                     ..UserNetConfig::default()
                 };
                 n.insert(UserNet::new(&cfg).expect("user network"))

@@ -10,8 +10,9 @@ use smoltcp::wire::EthernetAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::phy::Queues;
+use super::policy::Policy;
 use super::wire::{echo_reply_frame, udp_frame};
-use super::{DNS, GATEWAY, GUEST, KIND_DATAGRAM, NETMASK, TOKEN_KIND_SHIFT};
+use super::{DNS, GATEWAY, GUEST, KIND_DATAGRAM, TOKEN_KIND_SHIFT};
 
 /// Most UDP relays (guest source ports) and ping identifiers at once; the least recently used
 /// one is closed to make room.
@@ -60,7 +61,7 @@ pub struct Datagrams {
     slots: Vec<Option<Slot>>,
     ping_denied: bool,
     forwards: u16,
-    restrict: bool,
+    policy: Policy,
     /// Receive buffer for host sockets.
     buf: Vec<u8>,
 }
@@ -70,14 +71,15 @@ fn token(index: usize) -> u64 {
 }
 
 impl Datagrams {
-    /// Relays DNS to `upstream`; with `restrict`, nothing leaves but replies to forwards.
-    pub fn new(upstream: Option<SocketAddrV4>, restrict: bool) -> Self {
+    /// Relays DNS to `upstream` and what `policy` allows; with `restrict`, nothing leaves but
+    /// replies to forwards.
+    pub fn new(upstream: Option<SocketAddrV4>, policy: Policy) -> Self {
         Datagrams {
             upstream,
             slots: Vec::new(),
             ping_denied: false,
             forwards: 0,
-            restrict,
+            policy,
             buf: vec![0; 65536],
         }
     }
@@ -160,25 +162,10 @@ impl Datagrams {
 
     /// Where a guest datagram to `dst` goes on the host.
     fn host_target(&self, dst: SocketAddrV4) -> Option<SocketAddrV4> {
-        if self.restrict {
-            return None;
-        }
-        let ip = *dst.ip();
-        let net = u32::from(GATEWAY) & u32::from(NETMASK);
-        if ip == DNS {
+        if *dst.ip() == DNS && !self.policy.restrict {
             return (dst.port() == 53).then_some(self.upstream).flatten();
         }
-        if ip == GATEWAY {
-            return Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
-        }
-        if u32::from(ip) & u32::from(NETMASK) == net
-            || ip.is_broadcast()
-            || ip.is_multicast()
-            || ip.is_unspecified()
-        {
-            return None;
-        }
-        Some(dst)
+        self.policy.host_target(dst)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! | address | what |
 //! | --- | --- |
-//! | 10.0.2.2 | gateway (tandem); connections to it reach the host's 127.0.0.1 |
+//! | 10.0.2.2 | gateway (tandem); connections to it reach the host's 127.0.0.1 ([`Policy`]) |
 //! | 10.0.2.3 | DNS: queries are relayed to the host's resolver (/etc/resolv.conf) |
 //! | 10.0.2.15 | the guest (by DHCP, or configured statically) |
 //!
@@ -16,6 +16,7 @@
 
 mod datagram;
 mod phy;
+pub mod policy;
 mod tcp;
 #[cfg(test)]
 mod testutil;
@@ -34,6 +35,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::forward::{Forward, Protocol};
 use crate::NetBackend;
+pub use policy::{HostLoopback, Policy};
 
 /// The gateway: tandem's end of the private network.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -89,16 +91,16 @@ fn bind_reason(e: &io::Error) -> String {
 }
 
 /// Options of the user-mode network.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserNetConfig {
     /// Host ports mapped to guest ports.
     pub forwards: Vec<Forward>,
     /// Where DNS queries go; `None`: the first IPv4 nameserver of /etc/resolv.conf (or of the
     /// file `$TANDEM_RESOLV_CONF` names).
     pub dns_upstream: Option<SocketAddrV4>,
-    /// Isolate the guest: no connections or datagrams out of the virtual network, only the
-    /// forwards in (QEMU's `restrict=on`).
-    pub restrict: bool,
+    /// What the guest may reach: `restrict` (only forwards in, QEMU's `restrict=on`), the
+    /// host's loopback through 10.0.2.2, link-local addresses.
+    pub policy: Policy,
 }
 
 /// The first IPv4 `nameserver` in resolv.conf text.
@@ -154,7 +156,7 @@ impl UserNet {
         let upstream = cfg
             .dns_upstream
             .or_else(|| parse_resolv_conf(&std::fs::read_to_string(&resolv).unwrap_or_default()));
-        let mut datagrams = datagram::Datagrams::new(upstream, cfg.restrict);
+        let mut datagrams = datagram::Datagrams::new(upstream, cfg.policy.clone());
         let mut listeners = Vec::new();
         for f in &cfg.forwards {
             let bind_err = |source| NetError::Bind {
@@ -193,7 +195,7 @@ impl UserNet {
             sockets: SocketSet::new(Vec::new()),
             epoll,
             timer,
-            flows: tcp::Flows::new(cfg.restrict),
+            flows: tcp::Flows::new(cfg.policy.clone()),
             listeners,
             datagrams,
             guest_mac: GUEST_MAC,

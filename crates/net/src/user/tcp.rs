@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
+use std::net::{Shutdown, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -10,7 +10,8 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::IpListenEndpoint;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{DNS, GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, NETMASK, TOKEN_KIND_SHIFT};
+use super::policy::Policy;
+use super::{GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, TOKEN_KIND_SHIFT};
 
 /// Buffer size of each direction of a relayed connection.
 const BUFFER: usize = 256 << 10;
@@ -44,7 +45,7 @@ pub struct Flows {
     by_key: HashMap<(SocketAddrV4, SocketAddrV4), usize>,
     next_port: u16,
     count: usize,
-    restrict: bool,
+    policy: Policy,
 }
 
 fn token(index: usize) -> u64 {
@@ -101,31 +102,19 @@ fn connect_nonblocking(addr: SocketAddrV4) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Where a guest connection to `dst` goes on the host: the gateway is the host's loopback.
-fn host_target(dst: SocketAddrV4) -> Option<SocketAddrV4> {
-    let ip = *dst.ip();
-    let net = u32::from(GATEWAY) & u32::from(NETMASK);
-    if ip == GATEWAY {
-        Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()))
-    } else if ip == DNS
-        || u32::from(ip) & u32::from(NETMASK) == net
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-    {
-        None
-    } else {
-        Some(dst)
-    }
-}
-
 impl Flows {
-    /// No connections yet; with `restrict`, the guest may not open any.
-    pub fn new(restrict: bool) -> Self {
+    /// No connections yet; the guest may open those `policy` allows.
+    pub fn new(policy: Policy) -> Self {
         Flows {
-            restrict,
+            policy,
             ..Flows::default()
         }
+    }
+
+    /// Connections open now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.count
     }
 
     fn insert(&mut self, epoll: &Epoll, flow: Flow) -> Option<usize> {
@@ -165,7 +154,8 @@ impl Flows {
             tracing::debug!("user network: connection limit reached, refusing {dst}");
             return;
         }
-        let Some(target) = host_target(dst).filter(|_| !self.restrict) else {
+        let Some(target) = self.policy.host_target(dst) else {
+            tracing::debug!("user network: connection to {dst} refused by the network's policy");
             return;
         };
         let host = match connect_nonblocking(target) {

@@ -6,6 +6,7 @@ use smoltcp::wire::{
 
 use super::testutil::{arp_request, syn};
 use super::*;
+use crate::forward::{Forward, Protocol};
 
 fn arp_for_gateway() -> Vec<u8> {
     arp_request(GATEWAY)
@@ -123,4 +124,104 @@ fn a_guest_that_floods_without_reading_cannot_grow_the_queues() {
         "{to_stack} frames queued for the stack"
     );
     assert!(to_guest > 0, "replies are queued up to the bound");
+}
+
+/// A network with `policy` and one TCP forward from a free host port to guest port 80; the
+/// guest has resolved the gateway.
+fn restricted(policy: Policy) -> (UserNet, u16) {
+    let fwd = Forward {
+        proto: Protocol::Tcp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest_port: 80,
+    };
+    let mut net = UserNet::new(&UserNetConfig {
+        forwards: vec![fwd],
+        policy,
+        ..UserNetConfig::default()
+    })
+    .unwrap();
+    let port = net.listeners[0].0.local_addr().unwrap().port();
+    net.send(&arp_for_gateway());
+    net.flush();
+    drain(&mut net);
+    (net, port)
+}
+
+/// The guest's SYN to `dst` is reset by the stack and no host connection is attempted.
+fn refused(net: &mut UserNet, dst: SocketAddrV4) -> bool {
+    net.send(&syn(dst));
+    net.flush();
+    net.flows.len() == 0
+        && wait_for_tcp(net, |ip, tcp| {
+            ip.src_addr() == *dst.ip() && tcp.src_port() == dst.port() && tcp.rst()
+        })
+}
+
+/// A host connection to the forward reaches the guest as a SYN to its port 80.
+fn forward_works(net: &mut UserNet, port: u16) -> bool {
+    let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_for_tcp(net, |ip, tcp| {
+        ip.dst_addr() == GUEST && tcp.dst_port() == 80 && tcp.syn() && !tcp.ack()
+    })
+}
+
+#[test]
+fn each_restriction_refuses_the_guests_syn_while_forwards_still_work() {
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    let gw = SocketAddrV4::new(GATEWAY, port);
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let cases = [
+        (
+            "restrict=on",
+            Policy {
+                restrict: true,
+                link_local: true,
+                ..Policy::default()
+            },
+            vec![gw, metadata, outside, loopback],
+        ),
+        (
+            "host-loopback=off",
+            Policy {
+                host_loopback: HostLoopback::None,
+                ..Policy::default()
+            },
+            vec![gw, metadata, loopback],
+        ),
+        (
+            "host-loopback=<another port>",
+            Policy {
+                host_loopback: HostLoopback::Ports(vec![port.wrapping_add(1).max(1)]),
+                ..Policy::default()
+            },
+            vec![gw],
+        ),
+        ("the defaults", Policy::default(), vec![metadata, loopback]),
+    ];
+    for (what, policy, refuse) in cases {
+        let (mut net, fwd) = restricted(policy);
+        for dst in refuse {
+            assert!(refused(&mut net, dst), "{what}: a SYN to {dst} is refused");
+        }
+        assert!(forward_works(&mut net, fwd), "{what}: the forward works");
+    }
+    // Allowed where the option says so: the host's listener sees the connection.
+    for policy in [
+        Policy::default(),
+        Policy {
+            host_loopback: HostLoopback::Ports(vec![port]),
+            ..Policy::default()
+        },
+    ] {
+        let (mut net, _) = restricted(policy);
+        net.send(&syn(gw));
+        net.flush();
+        assert_eq!(net.flows.len(), 1, "a flow to the host's listener");
+        host.set_nonblocking(false).unwrap();
+        let (_conn, peer) = host.accept().unwrap();
+        assert!(peer.ip().is_loopback());
+    }
 }
