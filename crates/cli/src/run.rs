@@ -291,8 +291,8 @@ pub fn main(args: RunArgs) -> ExitCode {
             })),
             (Some(NetChoice::User(policy)), _) => Some(NetConfig::User(UserNetConfig {
                 forwards: args.forward,
-                dns_upstream: None,
                 policy,
+                ..UserNetConfig::default()
             })),
             (None, false) => Some(NetConfig::User(UserNetConfig {
                 forwards: args.forward,

@@ -54,6 +54,29 @@ pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 
 pub const MTU: u16 = 65520;
 /// Most TCP connections at once; a guest SYN beyond it is refused with a reset.
 pub const MAX_TCP_FLOWS: usize = 512;
+/// A TCP connection whose handshake (guest and host side) has not completed after this long is
+/// ended: a SYN never answered, a SYN then RST, a host that never answers.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An established TCP connection that moved no data this long is ended (passt's is the same).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// How long TCP connections may wait; [`HANDSHAKE_TIMEOUT`] and [`IDLE_TIMEOUT`] by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For the handshake.
+    pub handshake: Duration,
+    /// Without data.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: HANDSHAKE_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
 
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_KIND_SHIFT: u32 = 32;
@@ -101,6 +124,8 @@ pub struct UserNetConfig {
     /// What the guest may reach: `restrict` (only forwards in, QEMU's `restrict=on`), the
     /// host's loopback through 10.0.2.2, link-local addresses.
     pub policy: Policy,
+    /// TCP timeouts.
+    pub timeouts: Timeouts,
 }
 
 /// The first IPv4 `nameserver` in resolv.conf text.
@@ -195,7 +220,7 @@ impl UserNet {
             sockets: SocketSet::new(Vec::new()),
             epoll,
             timer,
-            flows: tcp::Flows::new(cfg.policy.clone()),
+            flows: tcp::Flows::new(cfg.policy.clone(), cfg.timeouts),
             listeners,
             datagrams,
             guest_mac: GUEST_MAC,
@@ -225,6 +250,12 @@ impl UserNet {
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(Duration::from_secs(1))
             .max(Duration::from_micros(200));
+        // Open connections' timeouts are checked at least once a second.
+        let delay = if self.flows.any() {
+            delay.min(Duration::from_secs(1))
+        } else {
+            delay
+        };
         if let Err(e) = self.timer.reset(delay, None) {
             tracing::warn!("network timer: {e}");
         }
@@ -335,7 +366,10 @@ impl NetBackend for UserNet {
                     let _ = self.timer.wait();
                 }
                 (_, KIND_LISTENER) => self.accept(index),
-                (_, KIND_FLOW) => self.flows.host_event(&mut self.sockets, index, ev.events()),
+                (_, KIND_FLOW) => {
+                    self.flows
+                        .host_event(&mut self.sockets, &self.epoll, index, ev.events())
+                }
                 (_, KIND_DATAGRAM) => {
                     self.datagrams
                         .host_event(index, self.guest_mac, &mut self.dev)
@@ -349,3 +383,5 @@ impl NetBackend for UserNet {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_timeouts;
