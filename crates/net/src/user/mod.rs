@@ -97,6 +97,9 @@ pub enum NetError {
         /// Why (in use, not permitted, no such address).
         source: io::Error,
     },
+    /// More UDP forwards than there are gateway ports for their clients.
+    #[error("--forward: {0} UDP forwards; at most {max} are possible", max = datagram::PEER_PORTS)]
+    TooManyUdpForwards(usize),
     /// epoll or timerfd failed.
     #[error("network setup: {0}")]
     Setup(#[from] io::Error),
@@ -181,7 +184,15 @@ impl UserNet {
         let upstream = cfg
             .dns_upstream
             .or_else(|| parse_resolv_conf(&std::fs::read_to_string(&resolv).unwrap_or_default()));
-        let mut datagrams = datagram::Datagrams::new(upstream, cfg.policy.clone());
+        let udp = cfg
+            .forwards
+            .iter()
+            .filter(|f| f.proto == Protocol::Udp)
+            .count();
+        if udp > datagram::PEER_PORTS {
+            return Err(NetError::TooManyUdpForwards(udp));
+        }
+        let mut datagrams = datagram::Datagrams::new(upstream, cfg.policy.clone(), udp);
         let mut listeners = Vec::new();
         for f in &cfg.forwards {
             let bind_err = |source| NetError::Bind {
@@ -204,7 +215,9 @@ impl UserNet {
                 Protocol::Udp => {
                     let s = UdpSocket::bind(f.host).map_err(bind_err)?;
                     s.set_nonblocking(true).map_err(bind_err)?;
-                    datagrams.add_forward(&epoll, s, f.guest_port)?;
+                    if !datagrams.add_forward(&epoll, s, f.guest_port)? {
+                        return Err(NetError::TooManyUdpForwards(udp));
+                    }
                 }
             }
             tracing::debug!("listening for {f}");

@@ -225,3 +225,92 @@ fn each_restriction_refuses_the_guests_syn_while_forwards_still_work() {
         assert!(peer.ip().is_loopback());
     }
 }
+
+#[test]
+fn five_hundred_udp_forwards_each_get_their_own_gateway_ports() {
+    let fwd = |guest_port| Forward {
+        proto: Protocol::Udp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest_port,
+    };
+    // 400 forwards of 64 clients each would need gateway ports past 65535.
+    let forwards: Vec<Forward> = (1..=500).map(fwd).collect();
+    let mut net = UserNet::new(&UserNetConfig {
+        forwards,
+        ..UserNetConfig::default()
+    })
+    .unwrap();
+    let ports: Vec<u16> = net
+        .datagrams
+        .forward_ports()
+        .into_iter()
+        .map(|(host, _)| host)
+        .collect();
+    assert_eq!(ports.len(), 500);
+    let mut seen = std::collections::HashSet::new();
+    for (i, host_port) in [(0usize, ports[0]), (499, ports[499])] {
+        let guest_port = i as u16 + 1;
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"ping", ("127.0.0.1", host_port)).unwrap();
+        // The datagram reaches the guest from a gateway port that stands for this client.
+        let mut from = None;
+        for _ in 0..100 {
+            net.process();
+            for f in drain(&mut net) {
+                let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                    continue;
+                };
+                let Ok(udp) = smoltcp::wire::UdpPacket::new_checked(ip.payload()) else {
+                    continue;
+                };
+                if udp.dst_port() == guest_port && udp.payload() == b"ping" {
+                    from = Some(udp.src_port());
+                }
+            }
+            if from.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let gw_port = from.expect("the datagram reaches the guest");
+        assert!(gw_port >= 40000, "{gw_port}");
+        assert!(seen.insert(gw_port), "gateway port {gw_port} used twice");
+        // The guest's answer goes back to that client.
+        let mut reply = wire::udp_frame(
+            GATEWAY_MAC,
+            SocketAddrV4::new(GUEST, guest_port),
+            SocketAddrV4::new(GATEWAY, gw_port),
+            b"pong",
+        )
+        .unwrap();
+        reply[6..12].copy_from_slice(GUEST_MAC.as_bytes());
+        net.send(&reply);
+        net.flush();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pong");
+    }
+}
+
+#[test]
+fn more_udp_forwards_than_gateway_ports_are_refused() {
+    let forwards = vec![
+        Forward {
+            proto: Protocol::Udp,
+            host: "127.0.0.1:1".parse().unwrap(),
+            guest_port: 1,
+        };
+        datagram::PEER_PORTS + 1
+    ];
+    assert!(matches!(
+        UserNet::new(&UserNetConfig {
+            forwards,
+            ..UserNetConfig::default()
+        }),
+        Err(NetError::TooManyUdpForwards(_))
+    ));
+}
