@@ -143,7 +143,6 @@ impl Datagrams {
     }
 
     /// The host port and first gateway port of each UDP forward.
-    #[cfg(test)]
     pub fn forward_ports(&self) -> Vec<(u16, u16)> {
         self.slots
             .iter()

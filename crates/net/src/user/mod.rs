@@ -241,6 +241,21 @@ impl UserNet {
         })
     }
 
+    /// The host ports the forwards listen on, TCP then UDP, in the order given (useful when a
+    /// forward asked for port 0).
+    pub fn forward_ports(&self) -> Vec<(Protocol, u16)> {
+        let tcp = self
+            .listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok().map(|a| (Protocol::Tcp, a.port())));
+        let udp = self
+            .datagrams
+            .forward_ports()
+            .into_iter()
+            .map(|(p, _)| (Protocol::Udp, p));
+        tcp.chain(udp).collect()
+    }
+
     fn now(&self) -> Instant {
         Instant::from_micros(self.start.elapsed().as_micros() as i64)
     }
