@@ -43,12 +43,12 @@ b=$!
 ready /tmp/b.log serving
 record b-forward timeout 30 wget -q -O- http://127.0.0.1:8081/hello
 probe() {{
-  name=$1; shift
-  tandem run $BOOT "$@" --serial file:/tmp/$name.log --cmdline '{a}' </dev/null &
+  pn=$1; shift
+  tandem run $BOOT "$@" --serial file:/tmp/$pn.log --cmdline '{a}' </dev/null &
   pid=$!
-  ready /tmp/$name.log probes-done
-  record $name-own timeout 30 wget -q -O- http://127.0.0.1:8082/hello
-  record $name cat /tmp/$name.log
+  ready /tmp/$pn.log probes-done
+  record $pn-own timeout 30 wget -q -O- http://127.0.0.1:8082/hello
+  record $pn cat /tmp/$pn.log
   kill $pid
   wait $pid
 }}

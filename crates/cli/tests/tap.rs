@@ -189,7 +189,8 @@ fn a_guest_cannot_reach_host_loopback_services_and_route_localnet_is_restored_af
         "ip link set eth0 up; ip addr add 192.168.100.2/24 dev eth0; ip route add default via 192.168.100.1; \
          mkdir -p /www; echo guest-web-ok > /www/hello; httpd -p 80 -h /www; \
          echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
-         ip addr flush dev lo; ip route add 127.0.0.0/8 via 192.168.100.1 dev eth0; \
+         ip addr flush dev lo; ip route del 127.0.0.0/8 dev lo table local; \
+         ip route add 127.0.0.0/8 via 192.168.100.1 dev eth0; ip route show table all | grep 127; \
          i=0; while [ $i -lt 8 ]; do wget -q -T 3 -O /tmp/s http://127.0.0.1:8001/secret && echo LEAKED-$(cat /tmp/s) && break; sleep 1; i=$((i+1)); done; \
          echo probe-done; sleep 600",
     );
@@ -239,6 +240,7 @@ record restored sh -c 'cat /proc/sys/net/ipv4/conf/tap1/route_localnet; nft list
     let (cases, all) = run_script_with(&script, &with);
 
     let probe = case(&cases, &all, "probe");
+    eprintln!("the guest's probe:\n{}", probe.output);
     assert!(
         probe.output.contains("probe-done"),
         "the guest ran its probe:\n{}",
