@@ -19,7 +19,7 @@ fn restrictive_options_close_the_paths_to_the_host_another_vm_and_metadata() {
     let a = exec_cmdline(
         &(web("a")
             + "for u in 10.0.2.2:8000/secret 10.0.2.2:8081/hello 169.254.169.254/meta; do \
-               if wget -q -T 10 -O /tmp/o http://$u; then echo GOT $u $(cat /tmp/o); else echo REFUSED $u; fi; done; \
+               if timeout 10 wget -q -O /tmp/o http://$u; then echo GOT $u $(cat /tmp/o); else echo REFUSED $u; fi; done; \
                echo probes-done; sleep 600"),
     );
     let script = format!(

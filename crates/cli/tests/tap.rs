@@ -191,7 +191,7 @@ fn a_guest_cannot_reach_host_loopback_services_and_route_localnet_is_restored_af
          echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
          ip addr flush dev lo; ip route del 127.0.0.0/8 dev lo table local; \
          ip route add 127.0.0.0/8 via 192.168.100.1 dev eth0; ip route show table all | grep 127; \
-         i=0; while [ $i -lt 8 ]; do wget -q -T 3 -O /tmp/s http://127.0.0.1:8001/secret && echo LEAKED-$(cat /tmp/s) && break; sleep 1; i=$((i+1)); done; \
+         i=0; while [ $i -lt 8 ]; do timeout 5 wget -q -O /tmp/s http://127.0.0.1:8001/secret && echo LEAKED-$(cat /tmp/s) && break; sleep 1; i=$((i+1)); done; \
          echo probe-done; sleep 600",
     );
     let quick = exec_cmdline("true");
@@ -244,6 +244,11 @@ record restored sh -c 'cat /proc/sys/net/ipv4/conf/tap1/route_localnet; nft list
     assert!(
         probe.output.contains("probe-done"),
         "the guest ran its probe:\n{}",
+        probe.output
+    );
+    assert!(
+        !probe.output.contains("Segmentation fault") && !probe.output.contains("not found"),
+        "the probe itself failed:\n{}",
         probe.output
     );
     assert!(
