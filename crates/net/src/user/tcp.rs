@@ -101,6 +101,8 @@ pub struct Flows {
     timeouts: Timeouts,
     /// Host socket events handled (the tests count them).
     events: u64,
+    /// Forwarded connections closed because the table was full.
+    refused: u64,
 }
 
 fn token(index: usize) -> u64 {
@@ -260,9 +262,14 @@ impl Flows {
         guest: SocketAddrV4,
     ) {
         if self.count >= MAX_TCP_FLOWS {
-            tracing::warn!(
-                "user network: connection limit reached, closing a forwarded connection"
-            );
+            // Anyone on the host can connect at will: say so at the 1st, 2nd, 4th, ... time.
+            self.refused += 1;
+            if self.refused.is_power_of_two() {
+                tracing::warn!(
+                    "user network: connection limit reached, closing forwarded connections ({} so far)",
+                    self.refused
+                );
+            }
             return;
         }
         if host.set_nonblocking(true).is_err() {
