@@ -38,17 +38,18 @@ fn config(mode: &str, rounds: u32, mib: u32) -> String {
         "tcp" => "ip link set eth0 up; udhcpc -q -n -i eth0 >/dev/null 2>&1; ",
         _ => "",
     };
-    let vm = |name: &str, cpu: u32, forward: &str| {
+    let vm = |name: &str, cpu: u32, net: &str, forward: &str| {
         format!(
             "[[vm]]\nname = \"{name}\"\nkernel = \"/guests/vmlinuz\"\ninitrd = \"/tmp/bench.gz\"\n\
              cmdline = \"console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\\\"{setup}/usr/bin/chan-bench {name} {bench} {rounds} {mib}\\\"\"\n\
-             memory = \"512M\"\ncpus = [{cpu}]\nnet = \"user\"\n{forward}\n"
+             memory = \"512M\"\ncpus = [{cpu}]\nnet = \"{net}\"\n{forward}\n"
         )
     };
     format!(
         "{}{}[[channel]]\nname = \"c\"\nsize = \"16M\"\nmembers = [\"a\", \"b\"]\n",
-        vm("a", 0, ""),
-        vm("b", 1, "forwards = [\"tcp:7000:7000\"]")
+        // a reaches b's forward through the host's loopback, which a config must open by name.
+        vm("a", 0, "user,host-loopback=7000", ""),
+        vm("b", 1, "user", "forwards = [\"tcp:7000:7000\"]")
     )
 }
 

@@ -70,9 +70,9 @@ pub struct RunArgs {
     /// path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID].
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     disk: Vec<BlockConfig>,
-    /// The guest's network: user (NAT through host sockets, no privilege needed),
-    /// tap=NAME[,guest-ip=ADDR] (a host TAP interface) or none.
-    /// Default: user when a --forward is given, else none.
+    /// The guest's network: user[,restrict=on][,host-loopback=off|PORT/...][,link-local=on]
+    /// (NAT through host sockets, no privilege needed), tap=NAME[,guest-ip=ADDR] (a host TAP
+    /// interface) or none. Default: user when a --forward is given, else none.
     #[arg(long, value_name = "BACKEND", value_parser = parse_net)]
     net: Option<NetChoice>,
     /// Map a host port to a guest port (repeatable): [tcp|udp:][HOSTADDR:]HOSTPORT:GUESTPORT.
@@ -109,8 +109,8 @@ fn parse_disk(s: &str) -> Result<BlockConfig, String> {
 /// The `--net` choices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetChoice {
-    /// User-mode NAT.
-    User,
+    /// User-mode NAT, and what the guest may reach through it.
+    User(tandem_net::user::Policy),
     /// A host TAP interface, and the guest's address on it.
     Tap(String, Option<std::net::Ipv4Addr>),
     /// No network.
@@ -119,13 +119,15 @@ pub enum NetChoice {
 
 pub(crate) fn parse_net(s: &str) -> Result<NetChoice, String> {
     match s {
-        "user" => Ok(NetChoice::User),
         "none" => Ok(NetChoice::None),
+        _ if s == "user" || s.starts_with("user,") => spec::parse_user(s)
+            .map(NetChoice::User)
+            .map_err(|e| e.to_string()),
         _ if s.starts_with("tap=") => spec::parse_tap(s)
             .map(|(name, ip)| NetChoice::Tap(name, ip))
             .map_err(|e| e.to_string()),
         _ => Err(format!(
-            "'{s}' is not user, tap=NAME[,guest-ip=ADDR] or none"
+            "'{s}' is not user[,OPTIONS], tap=NAME[,guest-ip=ADDR] or none"
         )),
     }
 }
@@ -287,10 +289,14 @@ pub fn main(args: RunArgs) -> ExitCode {
                 guest_ip,
                 forwards: args.forward,
             })),
-            (Some(NetChoice::User), _) | (None, false) => Some(NetConfig::User(UserNetConfig {
+            (Some(NetChoice::User(policy)), _) => Some(NetConfig::User(UserNetConfig {
                 forwards: args.forward,
-                dns_upstream: None,
-                restrict: false,
+                policy,
+                ..UserNetConfig::default()
+            })),
+            (None, false) => Some(NetConfig::User(UserNetConfig {
+                forwards: args.forward,
+                ..UserNetConfig::default()
             })),
         },
     };

@@ -32,6 +32,9 @@ pub enum SpecError {
         /// What would be accepted.
         expected: &'static str,
     },
+    /// An interface name that Linux, nft or /proc paths would not take as it is.
+    #[error("tap={0:?}: not a valid interface name (1 to 15 of A-Z a-z 0-9 - _ .)")]
+    InterfaceName(String),
     /// A required key is absent.
     #[error("'{0}=' is required")]
     Missing(&'static str),
@@ -177,7 +180,12 @@ pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), Spe
     let mut guest = None;
     for (k, v) in pairs(spec, KEYS)? {
         match k.as_str() {
-            "tap" if !v.is_empty() => name = Some(v),
+            "tap" if !v.is_empty() => {
+                if tandem_net::tap::Tap::check_name(&v).is_err() {
+                    return Err(SpecError::InterfaceName(v));
+                }
+                name = Some(v)
+            }
             "guest-ip" => {
                 guest = Some(v.parse().map_err(|_| SpecError::BadValue {
                     key: k,
@@ -189,6 +197,41 @@ pub fn parse_tap(spec: &str) -> Result<(String, Option<std::net::Ipv4Addr>), Spe
         }
     }
     Ok((name.ok_or(SpecError::Missing("tap"))?, guest))
+}
+
+/// Parses `--net user[,restrict=on|off][,host-loopback=on|off|PORT/PORT...][,link-local=on|off]`.
+pub fn parse_user(spec: &str) -> Result<tandem_net::user::Policy, SpecError> {
+    use tandem_net::user::{HostLoopback, Policy};
+    const KEYS: &[&str] = &["restrict", "host-loopback", "link-local"];
+    let mut p = Policy::default();
+    let rest = match spec.strip_prefix("user") {
+        Some("") => return Ok(p),
+        Some(r) => r.strip_prefix(',').ok_or(SpecError::Missing("user"))?,
+        None => return Err(SpecError::Missing("user")),
+    };
+    for (k, v) in pairs(rest, KEYS)? {
+        match k.as_str() {
+            "restrict" => p.restrict = on_off(&k, &v)?,
+            "link-local" => p.link_local = on_off(&k, &v)?,
+            _ => {
+                p.host_loopback = match on_off(&k, &v) {
+                    Ok(true) => HostLoopback::All,
+                    Ok(false) => HostLoopback::None,
+                    Err(_) => HostLoopback::Ports(
+                        v.split('/')
+                            .map(|p| p.parse::<u16>().ok().filter(|&p| p > 0))
+                            .collect::<Option<Vec<u16>>>()
+                            .ok_or_else(|| SpecError::BadValue {
+                                key: k.clone(),
+                                value: v.clone(),
+                                expected: "on, off or host ports: PORT/PORT/...",
+                            })?,
+                    ),
+                }
+            }
+        }
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -252,10 +295,64 @@ mod tests {
             parse_tap("guest-ip=10.0.0.2"),
             Err(SpecError::Missing("tap"))
         );
+        for bad in [
+            "tap=t\";x",
+            "tap=a b",
+            "tap=t{",
+            "tap=..",
+            "tap=x234567890123456",
+        ] {
+            assert!(
+                matches!(parse_tap(bad), Err(SpecError::InterfaceName(_))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             parse_tap("tap=t1,mac=x"),
             Err(SpecError::UnknownKey { .. })
         ));
+    }
+
+    #[test]
+    fn user_specs() {
+        use tandem_net::user::{HostLoopback, Policy};
+        assert_eq!(parse_user("user"), Ok(Policy::default()));
+        assert_eq!(
+            parse_user("user,restrict=on,host-loopback=off,link-local=on"),
+            Ok(Policy {
+                restrict: true,
+                host_loopback: HostLoopback::None,
+                link_local: true,
+            })
+        );
+        assert_eq!(
+            parse_user("user,host-loopback=8000/8001").map(|p| p.host_loopback),
+            Ok(HostLoopback::Ports(vec![8000, 8001]))
+        );
+        for bad in [
+            "user,restrict=maybe",
+            "user,host-loopback=0",
+            "user,host-loopback=8000/x",
+            "user,host-loopback=",
+            "user,link-local=1",
+        ] {
+            assert!(
+                matches!(parse_user(bad), Err(SpecError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_user("user,mac=x"),
+            Err(SpecError::UnknownKey { .. })
+        ));
+        assert_eq!(
+            parse_user("user,restrict=on,restrict=off"),
+            Err(SpecError::Duplicate("restrict".into()))
+        );
+        assert_eq!(
+            parse_user("user,"),
+            Err(SpecError::NotKeyValue(String::new()))
+        );
     }
 
     #[test]

@@ -273,8 +273,21 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
     for (args, expect) in [
         (
             vec!["--net", "bridge"],
-            "'bridge' is not user, tap=NAME[,guest-ip=ADDR] or none",
+            "'bridge' is not user[,OPTIONS], tap=NAME[,guest-ip=ADDR] or none",
         ),
+        (
+            vec!["--net", "user,restrict=maybe"],
+            "restrict=maybe: expected on or off",
+        ),
+        (
+            vec!["--net", "user,host-loopback=22/x"],
+            "host-loopback=22/x: expected on, off or host ports: PORT/PORT/...",
+        ),
+        (
+            vec!["--net", "user,link-local=1"],
+            "link-local=1: expected on or off",
+        ),
+        (vec!["--net", "user,mtu=9000"], "unknown key 'mtu'"),
         (vec!["--net", "tap="], "'tap=' is required"),
         (vec!["--net", "tap=tap0,mac=x"], "unknown key 'mac'"),
         (
@@ -285,6 +298,14 @@ fn malformed_net_and_forward_specs_and_a_port_in_use() {
             vec!["--net", "tap=a-name-that-is-too-long"],
             "not a valid interface name",
         ),
+        // Names that would change the meaning of tandem's nft script or of a /proc path.
+        (
+            vec!["--net", "tap=t\";x,guest-ip=10.0.0.2"],
+            "tap=\"t\\\";x\": not a valid interface name",
+        ),
+        (vec!["--net", "tap=t{"], "not a valid interface name"),
+        (vec!["--net", "tap=a b"], "not a valid interface name"),
+        (vec!["--net", "tap=.."], "not a valid interface name"),
         (
             vec!["--net", "tap=tap0", "--forward", "2222:22"],
             "--forward with --net tap needs the guest's address: --net tap=NAME,guest-ip=ADDR",
@@ -453,6 +474,16 @@ fn check_accepts_a_good_config_and_names_the_line_of_every_error() {
             "forward",
             vm("a", "general", "[0]") + "forwards = [\"tcp:99999:22\"]\n",
             ":7: '99999' is not a port",
+        ),
+        (
+            "net-option",
+            vm("a", "general", "[0]") + "net = \"user,host-loopback=8000/0\"\n",
+            ":7: host-loopback=8000/0: expected on, off or host ports",
+        ),
+        (
+            "tap-name",
+            vm("a", "general", "[0]") + "net = \"tap=t{\"\n",
+            ":7: tap=\"t{\": not a valid interface name",
         ),
         (
             "disk",

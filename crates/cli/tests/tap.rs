@@ -177,3 +177,109 @@ record after sh -c 'nft list tables; echo tables-listed'
         after.output
     );
 }
+
+/// The CVE-2020-8558 pattern: forwards from 127.0.0.1 set `route_localnet=1` on the TAP
+/// interface, so a root guest that routes 127.0.0.0/8 to the host reaches services bound to
+/// the host's 127.0.0.1 only. tandem's table drops such packets while the forward still works.
+/// After a SIGKILL, the next tandem puts the interface's `route_localnet` back as it was.
+#[test]
+fn a_guest_cannot_reach_host_loopback_services_and_route_localnet_is_restored_after_a_kill() {
+    // The attack: no loopback of its own, 127.0.0.0/8 routed to the host, martians accepted.
+    let guest = exec_cmdline(
+        "ip link set eth0 up; ip addr add 192.168.100.2/24 dev eth0; ip route add default via 192.168.100.1; \
+         mkdir -p /www; echo guest-web-ok > /www/hello; httpd -p 80 -h /www; \
+         echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
+         ip addr flush dev lo; ip route del 127.0.0.0/8 dev lo table local; \
+         ip route add 127.0.0.0/8 via 192.168.100.1 dev eth0; ip route show table all | grep 127; \
+         i=0; while [ $i -lt 8 ]; do timeout 5 wget -q -O /tmp/s http://127.0.0.1:8001/secret && echo LEAKED-$(cat /tmp/s) && break; sleep 1; i=$((i+1)); done; \
+         echo probe-done; sleep 600",
+    );
+    let quick = exec_cmdline("true");
+    let script = format!(
+        r#"
+IP=/usr/sbin/ip
+mkdir -p /tmp/sec && echo host-secret > /tmp/sec/secret
+httpd -p 127.0.0.1:8001 -h /tmp/sec
+tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --net tap=tap0,guest-ip=192.168.100.2 --forward tcp:8022:80 --serial file:/tmp/g1.log --cmdline '{guest}' </dev/null 2>/tmp/t1.err &
+pid=$!
+i=0
+while [ $i -lt 100 ] && ! $IP link show tap0 >/dev/null 2>&1; do sleep 0.2; i=$((i+1)); done
+$IP addr add 192.168.100.1/24 dev tap0
+$IP link set tap0 up
+i=0
+while [ $i -lt 150 ] && ! grep -q probe-done /tmp/g1.log 2>/dev/null; do sleep 1; i=$((i+1)); done
+record probe cat /tmp/g1.log
+record forward timeout 30 wget -q -O- http://127.0.0.1:8022/hello
+kill -TERM $pid
+wait $pid
+
+# A TAP interface that outlives tandem, its route_localnet 0.
+$IP tuntap add tap1 mode tap
+echo 0 >/proc/sys/net/ipv4/conf/tap1/route_localnet
+FWD="--net tap=tap1,guest-ip=192.168.101.2 --forward tcp:8023:80"
+tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M $FWD --serial none --cmdline '{guest}' </dev/null 2>/tmp/t2.err &
+pid=$!
+i=0
+while [ $i -lt 300 ] && ! nft list table ip tandem_fwd_$pid >/dev/null 2>&1; do sleep 0.2; i=$((i+1)); done
+sleep 1
+kill -KILL $pid
+wait $pid
+record killed cat /proc/sys/net/ipv4/conf/tap1/route_localnet
+record next timeout 150 tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M $FWD --serial none --cmdline '{quick}' </dev/null
+record restored sh -c 'cat /proc/sys/net/ipv4/conf/tap1/route_localnet; nft list tables; echo tables-listed'
+"#
+    );
+    let nft = "/usr/sbin/nft";
+    let ip = "/usr/sbin/ip";
+    let mut libs = shared_libs(nft);
+    libs.extend(shared_libs(ip));
+    libs.sort();
+    libs.dedup();
+    let mut with = vec![nft, ip];
+    with.extend(libs.iter().map(String::as_str));
+    let (cases, all) = run_script_with(&script, &with);
+
+    let probe = case(&cases, &all, "probe");
+    eprintln!("the guest's probe:\n{}", probe.output);
+    assert!(
+        probe.output.contains("probe-done"),
+        "the guest ran its probe:\n{}",
+        probe.output
+    );
+    assert!(
+        !probe.output.contains("Segmentation fault") && !probe.output.contains("not found"),
+        "the probe itself failed:\n{}",
+        probe.output
+    );
+    assert!(
+        !probe.output.contains("LEAKED-"),
+        "the guest reached a service bound to the host's 127.0.0.1:\n{}",
+        probe.output
+    );
+    let forward = case(&cases, &all, "forward");
+    assert_eq!(
+        forward.output.trim(),
+        "guest-web-ok",
+        "the forward still works"
+    );
+    let killed = case(&cases, &all, "killed");
+    assert_eq!(
+        killed.output.trim(),
+        "1",
+        "tandem set route_localnet and SIGKILL left it"
+    );
+    let next = case(&cases, &all, "next");
+    assert_eq!(next.rc, 0, "{}", next.output);
+    let restored = case(&cases, &all, "restored");
+    assert_eq!(
+        restored.output.lines().next().map(str::trim),
+        Some("0"),
+        "the next tandem put route_localnet back:\n{}",
+        restored.output
+    );
+    assert!(
+        !restored.output.contains("tandem_fwd_"),
+        "{}",
+        restored.output
+    );
+}

@@ -21,7 +21,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     /// The name is empty or longer than an interface name may be.
-    #[error("--net tap={0}: not a valid interface name (1 to 15 characters)")]
+    #[error("--net tap={0:?}: not a valid interface name (1 to 15 of A-Z a-z 0-9 - _ .)")]
     Name(String),
     /// /dev/net/tun is missing.
     #[error("--net tap: /dev/net/tun is missing (load the tun module)")]
@@ -55,9 +55,17 @@ struct IfReq {
 }
 
 impl Tap {
-    /// Checks that `name` can name an interface.
+    /// Checks that `name` can name an interface: 1 to 15 of `A-Z a-z 0-9 - _ .`, not `.` or
+    /// `..`. Linux allows more, but the name goes into nftables rules and /proc paths, where
+    /// quotes, separators or braces would change their meaning.
     pub fn check_name(name: &str) -> Result<(), TapError> {
-        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        let ok = (1..=15).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
             return Err(TapError::Name(name.into()));
         }
         Ok(())
@@ -158,5 +166,21 @@ mod tests {
             Tap::open("a-name-that-is-too-long"),
             Err(TapError::Name(_))
         ));
+    }
+
+    #[test]
+    fn names_nft_or_proc_would_read_specially_are_refused() {
+        for bad in [
+            "a\"b", "t;x", "t{", "t}", "a b", "a/b", "a:b", ".", "..", "tap\n0", "t$x", "t\\",
+            "t#", "t*",
+        ] {
+            assert!(
+                matches!(Tap::check_name(bad), Err(TapError::Name(_))),
+                "{bad:?}"
+            );
+        }
+        for good in ["tap0", "tap-guest_1", "vm.0", "a", "x23456789012345"] {
+            assert!(Tap::check_name(good).is_ok(), "{good:?}");
+        }
     }
 }

@@ -107,8 +107,8 @@ pub fn plan(
             for d in &vm.disks {
                 a.extend(["--disk".into(), d.get_ref().clone()]);
             }
-            if let Some(n) = &vm.net {
-                a.extend(["--net".into(), n.get_ref().clone()]);
+            if let Some(n) = net_arg(vm.net.as_ref().map(|n| n.get_ref().as_str()), &vm.forwards) {
+                a.extend(["--net".into(), n]);
             }
             for f in &vm.forwards {
                 a.extend(["--forward".into(), f.get_ref().clone()]);
@@ -139,6 +139,23 @@ pub fn plan(
         })
         .collect();
     (vms, channels)
+}
+
+/// The `--net` argument of a VM in a config: user-mode networks do not map the host's
+/// loopback unless the config says so (`host-loopback=on` or a list of ports), so that no
+/// partition reaches another's forwarded ports by a path the config does not show.
+fn net_arg(net: Option<&str>, forwards: &[toml::Spanned<String>]) -> Option<String> {
+    let net = match net {
+        Some(n) => n,
+        None if !forwards.is_empty() => "user",
+        None => return None,
+    };
+    let user = net == "user" || net.starts_with("user,");
+    if user && !net.split(',').any(|kv| kv.starts_with("host-loopback=")) {
+        Some(format!("{net},host-loopback=off"))
+    } else {
+        Some(net.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -188,8 +205,30 @@ members = ["gp", "rt"]
         assert_eq!(
             vms[1].args.join(" "),
             "run --kernel /k --memory 1048576K --pin-cpus 0,1 --serial stdio \
-             --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on --net user \
-             --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0,doorbells=7/8"
+             --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on \
+             --net user,host-loopback=off --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0,doorbells=7/8"
         );
+    }
+
+    #[test]
+    fn user_networks_in_configs_reach_the_hosts_loopback_only_where_they_say_so() {
+        let fwd = vec![toml::Spanned::new(0..0, "tcp:2222:22".to_string())];
+        assert_eq!(net_arg(None, &[]), None);
+        assert_eq!(
+            net_arg(None, &fwd).as_deref(),
+            Some("user,host-loopback=off")
+        );
+        assert_eq!(
+            net_arg(Some("user,restrict=on"), &[]).as_deref(),
+            Some("user,restrict=on,host-loopback=off")
+        );
+        for kept in [
+            "user,host-loopback=8000/8001",
+            "user,host-loopback=on",
+            "tap=tap0",
+            "none",
+        ] {
+            assert_eq!(net_arg(Some(kept), &fwd).as_deref(), Some(kept));
+        }
     }
 }

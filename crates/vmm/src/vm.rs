@@ -127,7 +127,7 @@ impl TapConfig {
             forwards: self.forwards.clone(),
         };
         // The rules are checked here, before anything is started.
-        tandem_net::portmap::ruleset("check", &spec)?;
+        tandem_net::portmap::ruleset("check", &spec, &Default::default())?;
         Ok(Some(spec))
     }
 }

@@ -10,18 +10,22 @@ use smoltcp::wire::EthernetAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::phy::Queues;
+use super::policy::Policy;
 use super::wire::{echo_reply_frame, udp_frame};
-use super::{DNS, GATEWAY, GUEST, KIND_DATAGRAM, NETMASK, TOKEN_KIND_SHIFT};
+use super::{DNS, GATEWAY, GUEST, KIND_DATAGRAM, TOKEN_KIND_SHIFT};
 
 /// Most UDP relays (guest source ports) and ping identifiers at once; the least recently used
 /// one is closed to make room.
 const MAX_FLOWS: usize = 256;
 /// A relay unused this long is closed.
 const IDLE: Duration = Duration::from_secs(120);
-/// Client addresses remembered per UDP forward.
+/// Client addresses remembered per UDP forward (fewer when there are more than
+/// [`PEER_PORTS`] / 64 UDP forwards).
 const MAX_PEERS: usize = 64;
-/// Gateway ports that stand for UDP-forward clients start here.
+/// Gateway ports that stand for UDP-forward clients: from here to 65535, shared by the forwards.
 const PEER_PORT_BASE: u16 = 40000;
+/// How many such ports there are; also the most UDP forwards (one client each).
+pub const PEER_PORTS: usize = 65536 - PEER_PORT_BASE as usize;
 
 enum Slot {
     /// The guest's datagrams from one source port, relayed from one host socket.
@@ -41,7 +45,10 @@ enum Slot {
         sock: UdpSocket,
         guest_port: u16,
         peers: Vec<SocketAddr>,
+        /// The gateway port of `peers[0]`.
         base: u16,
+        /// Most clients remembered.
+        cap: usize,
         evict: usize,
     },
 }
@@ -59,8 +66,10 @@ pub struct Datagrams {
     upstream: Option<SocketAddrV4>,
     slots: Vec<Option<Slot>>,
     ping_denied: bool,
-    forwards: u16,
-    restrict: bool,
+    forwards: usize,
+    /// Clients per forward: [`MAX_PEERS`], or fewer so that every forward's ports fit.
+    peers_per_forward: usize,
+    policy: Policy,
     /// Receive buffer for host sockets.
     buf: Vec<u8>,
 }
@@ -70,14 +79,16 @@ fn token(index: usize) -> u64 {
 }
 
 impl Datagrams {
-    /// Relays DNS to `upstream`; with `restrict`, nothing leaves but replies to forwards.
-    pub fn new(upstream: Option<SocketAddrV4>, restrict: bool) -> Self {
+    /// Relays DNS to `upstream` and what `policy` allows; with `restrict`, nothing leaves but
+    /// replies to forwards. `udp_forwards` is how many UDP forwards will be added.
+    pub fn new(upstream: Option<SocketAddrV4>, policy: Policy, udp_forwards: usize) -> Self {
         Datagrams {
             upstream,
             slots: Vec::new(),
             ping_denied: false,
             forwards: 0,
-            restrict,
+            peers_per_forward: (PEER_PORTS / udp_forwards.max(1)).clamp(1, MAX_PEERS),
+            policy,
             buf: vec![0; 65536],
         }
     }
@@ -100,14 +111,22 @@ impl Datagrams {
         Ok(index)
     }
 
-    /// Adds a UDP forward whose host socket is `sock`.
+    /// Adds a UDP forward whose host socket is `sock`; `false` when there are more than
+    /// [`PEER_PORTS`] (each needs a gateway port for its clients).
     pub fn add_forward(
         &mut self,
         epoll: &Epoll,
         sock: UdpSocket,
         guest_port: u16,
-    ) -> io::Result<()> {
-        let base = PEER_PORT_BASE + self.forwards * MAX_PEERS as u16;
+    ) -> io::Result<bool> {
+        let first = PEER_PORT_BASE as usize + self.forwards * self.peers_per_forward;
+        let cap = self.peers_per_forward;
+        let Ok(base) = u16::try_from(first) else {
+            return Ok(false);
+        };
+        if first + cap - 1 > usize::from(u16::MAX) {
+            return Ok(false);
+        }
         self.forwards += 1;
         self.insert(
             epoll,
@@ -116,10 +135,23 @@ impl Datagrams {
                 guest_port,
                 peers: Vec::new(),
                 base,
+                cap,
                 evict: 0,
             },
         )
-        .map(|_| ())
+        .map(|_| true)
+    }
+
+    /// The host port and first gateway port of each UDP forward.
+    pub fn forward_ports(&self) -> Vec<(u16, u16)> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter_map(|s| match s {
+                Slot::Forward { sock, base, .. } => Some((sock.local_addr().ok()?.port(), *base)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Closes idle relays, and the least recently used one when `need_room` and all are taken.
@@ -160,25 +192,10 @@ impl Datagrams {
 
     /// Where a guest datagram to `dst` goes on the host.
     fn host_target(&self, dst: SocketAddrV4) -> Option<SocketAddrV4> {
-        if self.restrict {
-            return None;
-        }
-        let ip = *dst.ip();
-        let net = u32::from(GATEWAY) & u32::from(NETMASK);
-        if ip == DNS {
+        if *dst.ip() == DNS && !self.policy.restrict {
             return (dst.port() == 53).then_some(self.upstream).flatten();
         }
-        if ip == GATEWAY {
-            return Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
-        }
-        if u32::from(ip) & u32::from(NETMASK) == net
-            || ip.is_broadcast()
-            || ip.is_multicast()
-            || ip.is_unspecified()
-        {
-            return None;
-        }
-        Some(dst)
+        self.policy.host_target(dst)
     }
 }
 
@@ -370,6 +387,7 @@ impl Datagrams {
                     guest_port,
                     peers,
                     base,
+                    cap,
                     evict,
                 } => {
                     let Ok((n, from)) = sock.recv_from(buf) else {
@@ -377,13 +395,13 @@ impl Datagrams {
                     };
                     let i = match peers.iter().position(|p| *p == from) {
                         Some(i) => i,
-                        None if peers.len() < MAX_PEERS => {
+                        None if peers.len() < *cap => {
                             peers.push(from);
                             peers.len() - 1
                         }
                         None => {
                             // Full: the oldest client's gateway port is reused.
-                            let i = *evict % MAX_PEERS;
+                            let i = *evict % *cap;
                             *evict += 1;
                             peers[i] = from;
                             i

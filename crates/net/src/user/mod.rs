@@ -2,7 +2,7 @@
 //!
 //! | address | what |
 //! | --- | --- |
-//! | 10.0.2.2 | gateway (tandem); connections to it reach the host's 127.0.0.1 |
+//! | 10.0.2.2 | gateway (tandem); connections to it reach the host's 127.0.0.1 ([`Policy`]) |
 //! | 10.0.2.3 | DNS: queries are relayed to the host's resolver (/etc/resolv.conf) |
 //! | 10.0.2.15 | the guest (by DHCP, or configured statically) |
 //!
@@ -16,6 +16,7 @@
 
 mod datagram;
 mod phy;
+pub mod policy;
 mod tcp;
 #[cfg(test)]
 mod testutil;
@@ -34,6 +35,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::forward::{Forward, Protocol};
 use crate::NetBackend;
+pub use policy::{HostLoopback, Policy};
 
 /// The gateway: tandem's end of the private network.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -52,6 +54,29 @@ pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 
 pub const MTU: u16 = 65520;
 /// Most TCP connections at once; a guest SYN beyond it is refused with a reset.
 pub const MAX_TCP_FLOWS: usize = 512;
+/// A TCP connection whose handshake (guest and host side) has not completed after this long is
+/// ended: a SYN never answered, a SYN then RST, a host that never answers.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An established TCP connection that moved no data this long is ended (passt's is the same).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// How long TCP connections may wait; [`HANDSHAKE_TIMEOUT`] and [`IDLE_TIMEOUT`] by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For the handshake.
+    pub handshake: Duration,
+    /// Without data.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: HANDSHAKE_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
 
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_KIND_SHIFT: u32 = 32;
@@ -72,6 +97,9 @@ pub enum NetError {
         /// Why (in use, not permitted, no such address).
         source: io::Error,
     },
+    /// More UDP forwards than there are gateway ports for their clients.
+    #[error("--forward: {0} UDP forwards; at most {max} are possible", max = datagram::PEER_PORTS)]
+    TooManyUdpForwards(usize),
     /// epoll or timerfd failed.
     #[error("network setup: {0}")]
     Setup(#[from] io::Error),
@@ -89,16 +117,18 @@ fn bind_reason(e: &io::Error) -> String {
 }
 
 /// Options of the user-mode network.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserNetConfig {
     /// Host ports mapped to guest ports.
     pub forwards: Vec<Forward>,
     /// Where DNS queries go; `None`: the first IPv4 nameserver of /etc/resolv.conf (or of the
     /// file `$TANDEM_RESOLV_CONF` names).
     pub dns_upstream: Option<SocketAddrV4>,
-    /// Isolate the guest: no connections or datagrams out of the virtual network, only the
-    /// forwards in (QEMU's `restrict=on`).
-    pub restrict: bool,
+    /// What the guest may reach: `restrict` (only forwards in, QEMU's `restrict=on`), the
+    /// host's loopback through 10.0.2.2, link-local addresses.
+    pub policy: Policy,
+    /// TCP timeouts.
+    pub timeouts: Timeouts,
 }
 
 /// The first IPv4 `nameserver` in resolv.conf text.
@@ -154,7 +184,15 @@ impl UserNet {
         let upstream = cfg
             .dns_upstream
             .or_else(|| parse_resolv_conf(&std::fs::read_to_string(&resolv).unwrap_or_default()));
-        let mut datagrams = datagram::Datagrams::new(upstream, cfg.restrict);
+        let udp = cfg
+            .forwards
+            .iter()
+            .filter(|f| f.proto == Protocol::Udp)
+            .count();
+        if udp > datagram::PEER_PORTS {
+            return Err(NetError::TooManyUdpForwards(udp));
+        }
+        let mut datagrams = datagram::Datagrams::new(upstream, cfg.policy.clone(), udp);
         let mut listeners = Vec::new();
         for f in &cfg.forwards {
             let bind_err = |source| NetError::Bind {
@@ -177,7 +215,9 @@ impl UserNet {
                 Protocol::Udp => {
                     let s = UdpSocket::bind(f.host).map_err(bind_err)?;
                     s.set_nonblocking(true).map_err(bind_err)?;
-                    datagrams.add_forward(&epoll, s, f.guest_port)?;
+                    if !datagrams.add_forward(&epoll, s, f.guest_port)? {
+                        return Err(NetError::TooManyUdpForwards(udp));
+                    }
                 }
             }
             tracing::debug!("listening for {f}");
@@ -193,12 +233,27 @@ impl UserNet {
             sockets: SocketSet::new(Vec::new()),
             epoll,
             timer,
-            flows: tcp::Flows::new(cfg.restrict),
+            flows: tcp::Flows::new(cfg.policy.clone(), cfg.timeouts),
             listeners,
             datagrams,
             guest_mac: GUEST_MAC,
             start,
         })
+    }
+
+    /// The host ports the forwards listen on, TCP then UDP, in the order given (useful when a
+    /// forward asked for port 0).
+    pub fn forward_ports(&self) -> Vec<(Protocol, u16)> {
+        let tcp = self
+            .listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok().map(|a| (Protocol::Tcp, a.port())));
+        let udp = self
+            .datagrams
+            .forward_ports()
+            .into_iter()
+            .map(|(p, _)| (Protocol::Udp, p));
+        tcp.chain(udp).collect()
     }
 
     fn now(&self) -> Instant {
@@ -223,6 +278,12 @@ impl UserNet {
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(Duration::from_secs(1))
             .max(Duration::from_micros(200));
+        // Open connections' timeouts are checked at least once a second.
+        let delay = if self.flows.any() {
+            delay.min(Duration::from_secs(1))
+        } else {
+            delay
+        };
         if let Err(e) = self.timer.reset(delay, None) {
             tracing::warn!("network timer: {e}");
         }
@@ -333,7 +394,10 @@ impl NetBackend for UserNet {
                     let _ = self.timer.wait();
                 }
                 (_, KIND_LISTENER) => self.accept(index),
-                (_, KIND_FLOW) => self.flows.host_event(&mut self.sockets, index, ev.events()),
+                (_, KIND_FLOW) => {
+                    self.flows
+                        .host_event(&mut self.sockets, &self.epoll, index, ev.events())
+                }
                 (_, KIND_DATAGRAM) => {
                     self.datagrams
                         .host_event(index, self.guest_mac, &mut self.dev)
@@ -347,3 +411,5 @@ impl NetBackend for UserNet {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_timeouts;

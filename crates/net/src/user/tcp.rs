@@ -2,15 +2,17 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
+use std::net::{Shutdown, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::Instant;
 
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::IpListenEndpoint;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{DNS, GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, NETMASK, TOKEN_KIND_SHIFT};
+use super::policy::Policy;
+use super::{Timeouts, GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, TOKEN_KIND_SHIFT};
 
 /// Buffer size of each direction of a relayed connection.
 const BUFFER: usize = 256 << 10;
@@ -28,13 +30,64 @@ struct Flow {
     host_write_shut: bool,
     /// A host write would block.
     want_out: bool,
-    /// The host fd left epoll (after a hang-up): relayed on every pump instead.
-    unwatched: bool,
+    /// The host socket hung up: relayed on every pump instead of on its events.
+    hung_up: bool,
+    /// The host socket is in the epoll set (with `interest`; hang-ups and errors are reported
+    /// even with none, so a socket that hung up must leave it).
+    in_epoll: bool,
     interest: EventSet,
     established: bool,
     key: Option<(SocketAddrV4, SocketAddrV4)>,
     /// Reaped after this many more pumps (set when the flow is finished or aborted).
     dying: Option<u8>,
+    /// When it was opened.
+    since: Instant,
+    /// When data last moved.
+    last: Instant,
+}
+
+impl Flow {
+    fn new(
+        handle: SocketHandle,
+        host: TcpStream,
+        connecting: bool,
+        key: Option<(SocketAddrV4, SocketAddrV4)>,
+    ) -> Flow {
+        let now = Instant::now();
+        Flow {
+            handle,
+            host,
+            connecting,
+            host_eof: false,
+            host_write_shut: false,
+            want_out: false,
+            hung_up: false,
+            in_epoll: false,
+            interest: if connecting {
+                EventSet::OUT
+            } else {
+                EventSet::empty()
+            },
+            established: false,
+            key,
+            dying: None,
+            since: now,
+            last: now,
+        }
+    }
+
+    /// Stops watching the host socket (a socket that hung up would wake epoll forever).
+    fn unwatch(&mut self, epoll: &Epoll) {
+        if self.in_epoll {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                self.host.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.in_epoll = false;
+            self.interest = EventSet::empty();
+        }
+    }
 }
 
 /// All relayed connections.
@@ -44,7 +97,12 @@ pub struct Flows {
     by_key: HashMap<(SocketAddrV4, SocketAddrV4), usize>,
     next_port: u16,
     count: usize,
-    restrict: bool,
+    policy: Policy,
+    timeouts: Timeouts,
+    /// Host socket events handled (the tests count them).
+    events: u64,
+    /// Forwarded connections closed because the table was full.
+    refused: u64,
 }
 
 fn token(index: usize) -> u64 {
@@ -101,34 +159,36 @@ fn connect_nonblocking(addr: SocketAddrV4) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Where a guest connection to `dst` goes on the host: the gateway is the host's loopback.
-fn host_target(dst: SocketAddrV4) -> Option<SocketAddrV4> {
-    let ip = *dst.ip();
-    let net = u32::from(GATEWAY) & u32::from(NETMASK);
-    if ip == GATEWAY {
-        Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()))
-    } else if ip == DNS
-        || u32::from(ip) & u32::from(NETMASK) == net
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-    {
-        None
-    } else {
-        Some(dst)
-    }
-}
-
 impl Flows {
-    /// No connections yet; with `restrict`, the guest may not open any.
-    pub fn new(restrict: bool) -> Self {
+    /// No connections yet; the guest may open those `policy` allows; connections end after
+    /// `timeouts`.
+    pub fn new(policy: Policy, timeouts: Timeouts) -> Self {
         Flows {
-            restrict,
+            policy,
+            timeouts,
             ..Flows::default()
         }
     }
 
-    fn insert(&mut self, epoll: &Epoll, flow: Flow) -> Option<usize> {
+    /// Connections open now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Changes the timeouts (so that a test need not wait for them).
+    #[cfg(test)]
+    pub fn set_timeouts(&mut self, timeouts: Timeouts) {
+        self.timeouts = timeouts;
+    }
+
+    /// Host socket events handled so far.
+    #[cfg(test)]
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    fn insert(&mut self, epoll: &Epoll, mut flow: Flow) -> Option<usize> {
         let index = match self.slots.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -141,6 +201,7 @@ impl Flows {
             tracing::warn!("user network: cannot watch a connection: {e}");
             return None;
         }
+        flow.in_epoll = true;
         if let Some(k) = flow.key {
             self.by_key.insert(k, index);
         }
@@ -165,7 +226,8 @@ impl Flows {
             tracing::debug!("user network: connection limit reached, refusing {dst}");
             return;
         }
-        let Some(target) = host_target(dst).filter(|_| !self.restrict) else {
+        let Some(target) = self.policy.host_target(dst) else {
+            tracing::debug!("user network: connection to {dst} refused by the network's policy");
             return;
         };
         let host = match connect_nonblocking(target) {
@@ -184,19 +246,7 @@ impl Flows {
             return;
         }
         let handle = sockets.add(sock);
-        let flow = Flow {
-            handle,
-            host,
-            connecting: true,
-            host_eof: false,
-            host_write_shut: false,
-            want_out: false,
-            unwatched: false,
-            interest: EventSet::OUT,
-            established: false,
-            key: Some((src, dst)),
-            dying: None,
-        };
+        let flow = Flow::new(handle, host, true, Some((src, dst)));
         if self.insert(epoll, flow).is_none() {
             sockets.remove(handle);
         }
@@ -212,9 +262,14 @@ impl Flows {
         guest: SocketAddrV4,
     ) {
         if self.count >= MAX_TCP_FLOWS {
-            tracing::warn!(
-                "user network: connection limit reached, closing a forwarded connection"
-            );
+            // Anyone on the host can connect at will: say so at the 1st, 2nd, 4th, ... time.
+            self.refused += 1;
+            if self.refused.is_power_of_two() {
+                tracing::warn!(
+                    "user network: connection limit reached, closing forwarded connections ({} so far)",
+                    self.refused
+                );
+            }
             return;
         }
         if host.set_nonblocking(true).is_err() {
@@ -230,19 +285,7 @@ impl Flows {
             return;
         }
         let handle = sockets.add(sock);
-        let flow = Flow {
-            handle,
-            host,
-            connecting: false,
-            host_eof: false,
-            host_write_shut: false,
-            want_out: false,
-            unwatched: false,
-            interest: EventSet::empty(),
-            established: false,
-            key: None,
-            dying: None,
-        };
+        let flow = Flow::new(handle, host, false, None);
         if self.insert(epoll, flow).is_none() {
             sockets.remove(handle);
         }
@@ -269,10 +312,21 @@ impl Flows {
     }
 
     /// An epoll event on connection `index`'s host socket.
-    pub fn host_event(&mut self, sockets: &mut SocketSet<'static>, index: usize, ev: u32) {
+    pub fn host_event(
+        &mut self,
+        sockets: &mut SocketSet<'static>,
+        epoll: &Epoll,
+        index: usize,
+        ev: u32,
+    ) {
+        self.events += 1;
         let Some(Some(f)) = self.slots.get_mut(index) else {
             return;
         };
+        if f.dying.is_some() {
+            f.unwatch(epoll);
+            return;
+        }
         let hup = ev & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
         if f.connecting {
             match f.host.take_error() {
@@ -287,28 +341,37 @@ impl Flows {
                     tracing::debug!("user network: host connect failed: {why}");
                     sockets.get_mut::<tcp::Socket>(f.handle).abort();
                     f.dying = Some(1);
+                    f.unwatch(epoll);
                 }
             }
         } else if hup {
             // Level-triggered hang-ups would fire until the flow ends: relay without epoll.
-            f.unwatched = true;
+            f.hung_up = true;
+            f.unwatch(epoll);
         }
     }
 
     /// Moves data both ways on every connection; true when anything moved.
     pub fn relay(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) -> bool {
         let mut moved = false;
+        let mut now = None;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(f) = slot else { continue };
             if f.dying.is_some() {
+                f.unwatch(epoll);
                 continue;
             }
             let sock = sockets.get_mut::<tcp::Socket>(f.handle);
-            moved |= relay_one(f, sock);
-            let want = if f.dying.is_some() || f.unwatched {
-                None
-            } else if f.connecting {
-                Some(EventSet::OUT)
+            if relay_one(f, sock) {
+                moved = true;
+                f.last = *now.get_or_insert_with(Instant::now);
+            }
+            if f.dying.is_some() || f.hung_up {
+                f.unwatch(epoll);
+                continue;
+            }
+            let want = if f.connecting {
+                EventSet::OUT
             } else {
                 let mut w = EventSet::empty();
                 if !f.host_eof && sock.can_send() {
@@ -317,49 +380,53 @@ impl Flows {
                 if f.want_out {
                     w |= EventSet::OUT;
                 }
-                Some(w)
+                w
             };
-            match want {
-                None if f.interest != EventSet::empty() || f.unwatched => {
-                    let _ = epoll.ctl(
-                        ControlOperation::Delete,
-                        f.host.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
-                    f.interest = EventSet::empty();
-                }
-                Some(w) if w != f.interest => {
-                    let ev = EpollEvent::new(w, token(index));
-                    let _ = epoll.ctl(ControlOperation::Modify, f.host.as_raw_fd(), ev);
-                    f.interest = w;
-                }
-                _ => {}
+            if want != f.interest {
+                let ev = EpollEvent::new(want, token(index));
+                let _ = epoll.ctl(ControlOperation::Modify, f.host.as_raw_fd(), ev);
+                f.interest = want;
             }
         }
         moved
     }
 
-    /// Drops finished connections.
+    /// Whether any connection is open (then the timeouts need a periodic look).
+    pub fn any(&self) -> bool {
+        self.count > 0
+    }
+
+    /// Drops finished connections, and ends those whose handshake or idle time ran out.
     pub fn reap(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) {
+        let now = Instant::now();
         for slot in self.slots.iter_mut() {
             let Some(f) = slot else { continue };
-            let state = sockets.get::<tcp::Socket>(f.handle).state();
+            let sock = sockets.get_mut::<tcp::Socket>(f.handle);
+            let state = sock.state();
             let finished =
                 f.host_eof && f.host_write_shut && matches!(state, State::Closed | State::TimeWait);
-            if f.dying.is_none() && (finished || (state == State::Closed && !f.connecting)) {
-                if state == State::Closed && !finished {
-                    // Reset or never answered by the guest.
-                    tracing::trace!("user network: connection closed by a reset");
+            if f.dying.is_none() {
+                if finished || (state == State::Closed && !f.connecting) {
+                    if state == State::Closed && !finished {
+                        // Reset or never answered by the guest.
+                        tracing::trace!("user network: connection closed by a reset");
+                    }
+                    f.dying = Some(0);
+                } else if !f.established && now.duration_since(f.since) > self.timeouts.handshake {
+                    tracing::debug!("user network: a handshake timed out");
+                    sock.abort();
+                    f.dying = Some(1);
+                } else if f.established && now.duration_since(f.last) > self.timeouts.idle {
+                    tracing::debug!("user network: an idle connection timed out");
+                    sock.abort();
+                    f.dying = Some(1);
                 }
-                f.dying = Some(0);
+            }
+            if f.dying.is_some() {
+                f.unwatch(epoll);
             }
             match f.dying {
                 Some(0) => {
-                    let _ = epoll.ctl(
-                        ControlOperation::Delete,
-                        f.host.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
                     sockets.remove(f.handle);
                     if let Some(k) = f.key {
                         self.by_key.remove(&k);

@@ -6,6 +6,7 @@ use smoltcp::wire::{
 
 use super::testutil::{arp_request, syn};
 use super::*;
+use crate::forward::{Forward, Protocol};
 
 fn arp_for_gateway() -> Vec<u8> {
     arp_request(GATEWAY)
@@ -123,4 +124,193 @@ fn a_guest_that_floods_without_reading_cannot_grow_the_queues() {
         "{to_stack} frames queued for the stack"
     );
     assert!(to_guest > 0, "replies are queued up to the bound");
+}
+
+/// A network with `policy` and one TCP forward from a free host port to guest port 80; the
+/// guest has resolved the gateway.
+fn restricted(policy: Policy) -> (UserNet, u16) {
+    let fwd = Forward {
+        proto: Protocol::Tcp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest_port: 80,
+    };
+    let mut net = UserNet::new(&UserNetConfig {
+        forwards: vec![fwd],
+        policy,
+        ..UserNetConfig::default()
+    })
+    .unwrap();
+    let port = net.listeners[0].0.local_addr().unwrap().port();
+    net.send(&arp_for_gateway());
+    net.flush();
+    drain(&mut net);
+    (net, port)
+}
+
+/// The guest's SYN to `dst` is reset by the stack and no host connection is attempted.
+fn refused(net: &mut UserNet, dst: SocketAddrV4) -> bool {
+    net.send(&syn(dst));
+    net.flush();
+    net.flows.len() == 0
+        && wait_for_tcp(net, |ip, tcp| {
+            ip.src_addr() == *dst.ip() && tcp.src_port() == dst.port() && tcp.rst()
+        })
+}
+
+/// A host connection to the forward reaches the guest as a SYN to its port 80.
+fn forward_works(net: &mut UserNet, port: u16) -> bool {
+    let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_for_tcp(net, |ip, tcp| {
+        ip.dst_addr() == GUEST && tcp.dst_port() == 80 && tcp.syn() && !tcp.ack()
+    })
+}
+
+#[test]
+fn each_restriction_refuses_the_guests_syn_while_forwards_still_work() {
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    let gw = SocketAddrV4::new(GATEWAY, port);
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let cases = [
+        (
+            "restrict=on",
+            Policy {
+                restrict: true,
+                link_local: true,
+                ..Policy::default()
+            },
+            vec![gw, metadata, outside, loopback],
+        ),
+        (
+            "host-loopback=off",
+            Policy {
+                host_loopback: HostLoopback::None,
+                ..Policy::default()
+            },
+            vec![gw, metadata, loopback],
+        ),
+        (
+            "host-loopback=<another port>",
+            Policy {
+                host_loopback: HostLoopback::Ports(vec![port.wrapping_add(1).max(1)]),
+                ..Policy::default()
+            },
+            vec![gw],
+        ),
+        ("the defaults", Policy::default(), vec![metadata, loopback]),
+    ];
+    for (what, policy, refuse) in cases {
+        let (mut net, fwd) = restricted(policy);
+        for dst in refuse {
+            assert!(refused(&mut net, dst), "{what}: a SYN to {dst} is refused");
+        }
+        assert!(forward_works(&mut net, fwd), "{what}: the forward works");
+    }
+    // Allowed where the option says so: the host's listener sees the connection.
+    for policy in [
+        Policy::default(),
+        Policy {
+            host_loopback: HostLoopback::Ports(vec![port]),
+            ..Policy::default()
+        },
+    ] {
+        let (mut net, _) = restricted(policy);
+        net.send(&syn(gw));
+        net.flush();
+        assert_eq!(net.flows.len(), 1, "a flow to the host's listener");
+        host.set_nonblocking(false).unwrap();
+        let (_conn, peer) = host.accept().unwrap();
+        assert!(peer.ip().is_loopback());
+    }
+}
+
+#[test]
+fn five_hundred_udp_forwards_each_get_their_own_gateway_ports() {
+    let fwd = |guest_port| Forward {
+        proto: Protocol::Udp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest_port,
+    };
+    // 400 forwards of 64 clients each would need gateway ports past 65535.
+    let forwards: Vec<Forward> = (1..=500).map(fwd).collect();
+    let mut net = UserNet::new(&UserNetConfig {
+        forwards,
+        ..UserNetConfig::default()
+    })
+    .unwrap();
+    let ports: Vec<u16> = net
+        .datagrams
+        .forward_ports()
+        .into_iter()
+        .map(|(host, _)| host)
+        .collect();
+    assert_eq!(ports.len(), 500);
+    let mut seen = std::collections::HashSet::new();
+    for (i, host_port) in [(0usize, ports[0]), (499, ports[499])] {
+        let guest_port = i as u16 + 1;
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"ping", ("127.0.0.1", host_port)).unwrap();
+        // The datagram reaches the guest from a gateway port that stands for this client.
+        let mut from = None;
+        for _ in 0..100 {
+            net.process();
+            for f in drain(&mut net) {
+                let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                    continue;
+                };
+                let Ok(udp) = smoltcp::wire::UdpPacket::new_checked(ip.payload()) else {
+                    continue;
+                };
+                if udp.dst_port() == guest_port && udp.payload() == b"ping" {
+                    from = Some(udp.src_port());
+                }
+            }
+            if from.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let gw_port = from.expect("the datagram reaches the guest");
+        assert!(gw_port >= 40000, "{gw_port}");
+        assert!(seen.insert(gw_port), "gateway port {gw_port} used twice");
+        // The guest's answer goes back to that client.
+        let mut reply = wire::udp_frame(
+            GATEWAY_MAC,
+            SocketAddrV4::new(GUEST, guest_port),
+            SocketAddrV4::new(GATEWAY, gw_port),
+            b"pong",
+        )
+        .unwrap();
+        reply[6..12].copy_from_slice(GUEST_MAC.as_bytes());
+        net.send(&reply);
+        net.flush();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pong");
+    }
+}
+
+#[test]
+fn more_udp_forwards_than_gateway_ports_are_refused() {
+    let forwards = vec![
+        Forward {
+            proto: Protocol::Udp,
+            host: "127.0.0.1:1".parse().unwrap(),
+            guest_port: 1,
+        };
+        datagram::PEER_PORTS + 1
+    ];
+    assert!(matches!(
+        UserNet::new(&UserNetConfig {
+            forwards,
+            ..UserNetConfig::default()
+        }),
+        Err(NetError::TooManyUdpForwards(_))
+    ));
 }

@@ -40,15 +40,28 @@ pub fn arp_request(target: Ipv4Addr) -> Vec<u8> {
 
 /// A SYN from the guest's port 40000 to `dst`, checksums filled.
 pub fn syn(dst: SocketAddrV4) -> Vec<u8> {
+    segment(SocketAddrV4::new(GUEST, 40000), dst, 1000, 0, SYN)
+}
+
+/// TCP flags.
+pub const SYN: u8 = 0x02;
+/// Reset.
+pub const RST: u8 = 0x04;
+/// Acknowledgement.
+pub const ACK: u8 = 0x10;
+
+/// A TCP segment without data from the guest's `src` to `dst`, checksums filled.
+pub fn segment(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
     let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
     let ip = Ipv4Repr {
-        src_addr: GUEST,
+        src_addr: *src.ip(),
         dst_addr: *dst.ip(),
         next_header: IpProtocol::Tcp,
         payload_len: tcp.len(),
@@ -59,6 +72,6 @@ pub fn syn(dst: SocketAddrV4) -> Vec<u8> {
     ip.emit(&mut p, &ChecksumCapabilities::default());
     p.payload_mut().copy_from_slice(&tcp);
     let mut t = TcpPacket::new_unchecked(p.payload_mut());
-    t.fill_checksum(&GUEST.into(), &(*dst.ip()).into());
+    t.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
     eth(EthernetProtocol::Ipv4, &buf)
 }
