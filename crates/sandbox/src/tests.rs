@@ -186,35 +186,57 @@ fn log_mode_lets_a_forbidden_call_through() {
 }
 
 #[test]
-fn the_keeper_drops_its_value_once_the_owner_is_gone() {
+fn the_keeper_undoes_when_asked_and_not_when_its_owner_dies() {
     struct Marker(std::path::PathBuf);
     impl Drop for Marker {
         fn drop(&mut self) {
             let _ = std::fs::write(&self.0, "undone");
         }
     }
-    let path = std::env::temp_dir().join(format!("tandem-keeper-{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    let dir = std::env::temp_dir();
+    let asked = dir.join(format!("tandem-keeper-asked-{}", std::process::id()));
+    let died = dir.join(format!("tandem-keeper-died-{}", std::process::id()));
+    let _ = std::fs::remove_file(&asked);
+    let _ = std::fs::remove_file(&died);
     let status = in_child(|| {
-        let keeper = Keeper::spawn(Marker(path.clone())).unwrap();
-        // This process forgot the value: nothing is written until the keeper acts.
-        let early = path.exists();
+        let keeper = Keeper::spawn(Marker(asked.clone())).unwrap();
+        // This process forgot the value: nothing is undone until the keeper is told.
+        let early = asked.exists();
         drop(keeper);
-        i32::from(early)
+        // Dropping waits for the keeper's work.
+        i32::from(early) + 2 * i32::from(!asked.exists())
     });
     assert_eq!(
         (libc::WIFEXITED(status), libc::WEXITSTATUS(status)),
         (true, 0)
     );
-    // The keeper is not our child: wait for its work (bounded, without timing assertions).
-    for _ in 0..500 {
-        if path.exists() {
-            break;
+    assert_eq!(std::fs::read_to_string(&asked).unwrap(), "undone");
+    // The keeper gets the child's stderr: a pipe whose EOF says that both have exited.
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let status = in_child(|| {
+        // SAFETY: makes the pipe's write end this process's stderr; closes the read end.
+        unsafe {
+            libc::dup2(fds[1], 2);
+            libc::close(fds[0]);
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        let keeper = Keeper::spawn(Marker(died.clone())).unwrap();
+        // SAFETY: the owner dies at once, as by SIGKILL, without dropping the keeper.
+        unsafe { libc::raise(libc::SIGKILL) };
+        drop(keeper);
+        0
+    });
+    assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
+    // SAFETY: closes our write end, then reads until every holder (the keeper) is gone.
+    unsafe {
+        libc::close(fds[1]);
+        let mut b = [0u8; 64];
+        while libc::read(fds[0], b.as_mut_ptr().cast(), b.len()) > 0 {}
+        libc::close(fds[0]);
     }
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "undone");
-    let _ = std::fs::remove_file(&path);
+    assert!(!died.exists(), "the keeper left the state as it was");
+    let _ = std::fs::remove_file(&asked);
 }
 
 #[test]

@@ -30,6 +30,7 @@ use crate::signals::StopSignals;
 use crate::vcpu::{run_loop, VcpuReport};
 use crate::virtio::VirtioDevices;
 use crate::{acpi, cpuid, regs};
+use tandem_sandbox::{Keeper, Sandbox, SeccompMode, ThreadKind};
 
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +79,8 @@ pub struct VmConfig {
     pub virtio_transport: VirtioTransport,
     /// CPU pinning, scheduling and memory backing.
     pub placement: crate::placement::Placement,
+    /// The per-thread seccomp filters.
+    pub sandbox: tandem_sandbox::SandboxConfig,
 }
 
 /// The transport of the VM's virtio devices.
@@ -420,6 +423,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let signals = StopSignals::block().map_err(VmError::Device)?;
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
+    // Compiled before anything is built; each thread installs its filter once its privileged
+    // setup is done.
+    let sandbox = Arc::new(Sandbox::prepare(cfg.sandbox)?);
     cfg.placement.check(cfg.vcpus.into())?;
     // Every thread started from here on inherits the housekeeping CPUs; vCPU threads then pin
     // themselves.
@@ -493,12 +499,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         };
         devices.push((Box::new(dev), "console".into()));
     }
-    // Removed (by drop) on every way out of this function, error or not.
+    // Removed (by drop) on every way out of this function, error or not: by a keeper process
+    // when filters are on (removing it runs nft, which no filtered thread may start).
     let mut _port_map = None;
+    let mut _port_map_keeper = None;
     if let Some(NetConfig::Tap(tap)) = &cfg.net {
         let backend = tandem_net::tap::Tap::open(&tap.name)?;
         if let Some(spec) = tap.port_map()? {
-            _port_map = Some(tandem_net::portmap::PortMap::install(&spec)?);
+            let map = tandem_net::portmap::PortMap::install(&spec)?;
+            if sandbox.mode() == SeccompMode::Off {
+                _port_map = Some(map);
+            } else {
+                _port_map_keeper = Some(Keeper::spawn(map).map_err(VmError::Device)?);
+            }
         }
         let dev = tandem_virtio::Net::new(Box::new(backend), tandem_net::user::GUEST_MAC.0);
         devices.push((Box::new(dev), "net0".into()));
@@ -539,7 +552,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
-    let io_thread = virtio.start()?;
+    let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
 
     // vCPUs.
@@ -559,6 +572,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
         // the guest, so each thread keeps the mapping alive.
         let guest_memory = (mem.clone(), keep_mapped.clone());
+        let sandbox = sandbox.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -566,6 +580,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 if let Err(e) = placement.apply_to_vcpu(index.into()) {
                     tracing::error!("vcpu{index}: cannot apply its placement: {e}");
                 }
+                sandbox.apply_or_exit(ThreadKind::Vcpu);
                 let mut vcpu = KvmVcpu::new(fd);
                 let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
                 if let Ok(mut r) = reports.lock() {
@@ -578,6 +593,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
 
     tracing::info!("{} vCPUs started", cfg.vcpus);
+    // Every thread is started: the main thread's own filter is not inherited by any.
+    sandbox.apply(ThreadKind::Vmm)?;
+    tracing::info!("seccomp filters: {}", sandbox.mode());
     let event = event_loop::run(EventSources {
         poweroff: &poweroff,
         reset: &reset,
