@@ -256,3 +256,13 @@ fn print_counts() {
         println!("{kind}: {}", syscall_count(kind).unwrap());
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn kvm_request_numbers_are_the_kernels() {
+    // From linux/kvm.h as compiled for x86_64 (e.g. strace shows them so).
+    assert_eq!(rules::KVM_RUN, 0xae80);
+    assert_eq!(rules::KVM_GET_REGS, 0x8090_ae81);
+    assert_eq!(rules::KVM_GET_SREGS, 0x8138_ae83);
+    assert_eq!(rules::KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+}

@@ -376,6 +376,23 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
     })
 }
 
+/// Keeps guest memory out of forked children (as QEMU does): a child has no use for it, and
+/// pages shared copy-on-write would be copied on the guest's next write to them.
+fn dont_fork(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    use vm_memory::GuestMemoryRegion;
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        // SAFETY: the range is a live mapping owned by `mem`; MADV_DONTFORK changes only what
+        // fork copies.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) } != 0 {
+            return Err(VmError::Device(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 /// The signal that interrupts `KVM_RUN` so a vCPU thread sees its stop request.
 fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
@@ -510,6 +527,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             if sandbox.mode() == SeccompMode::Off {
                 _port_map = Some(map);
             } else {
+                // The keeper needs no guest memory: not copied, no copy-on-write for the guest.
+                dont_fork(&mem)?;
                 _port_map_keeper = Some(Keeper::spawn(map).map_err(VmError::Device)?);
             }
         }
