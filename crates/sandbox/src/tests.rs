@@ -34,12 +34,18 @@ fn no_thread_may_create_processes_or_open_files() {
         let list = syscalls(kind).unwrap();
         for forbidden in [
             libc::SYS_execve,
+            libc::SYS_execveat,
             libc::SYS_clone,
             libc::SYS_clone3,
+            #[cfg(target_arch = "x86_64")]
             libc::SYS_fork,
             libc::SYS_openat,
+            libc::SYS_openat2,
+            #[cfg(target_arch = "x86_64")]
             libc::SYS_open,
             libc::SYS_ptrace,
+            libc::SYS_process_vm_writev,
+            libc::SYS_init_module,
             libc::SYS_getppid,
         ] {
             assert!(!list.contains(&forbidden), "{kind} allows {forbidden}");
