@@ -167,10 +167,27 @@ pub fn compile(kind: ThreadKind, mismatch: SeccompMode) -> Result<BpfProgram, Sa
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Off => return Ok(Vec::new()),
     };
+    // The refused syscalls pass this filter: the kernel takes the stricter answer of the
+    // stacked filters, and a trap here would beat the refusal's EACCES.
+    let mut rules = rules::rules(kind)?;
+    rules.extend(rules::refused());
     let filter = SeccompFilter::new(
-        rules::rules(kind)?,
+        rules,
         action,
         SeccompAction::Allow,
+        target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// The filter that makes [`rules::refused`] syscalls fail with EACCES (and allows the rest,
+/// which the thread's own filter, installed on top, decides: the kernel applies the stricter
+/// answer of the two).
+pub fn compile_refusals() -> Result<BpfProgram, SandboxError> {
+    let filter = SeccompFilter::new(
+        rules::refused(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
         target_arch()?,
     )?;
     Ok(filter.try_into()?)
@@ -180,6 +197,7 @@ pub fn compile(kind: ThreadKind, mismatch: SeccompMode) -> Result<BpfProgram, Sa
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     config: SandboxConfig,
+    refusals: BpfProgram,
     programs: Vec<(ThreadKind, BpfProgram)>,
 }
 
@@ -192,8 +210,10 @@ impl Sandbox {
     /// Compiles every filter and, when enforcing, installs the process's SIGSYS handler.
     pub fn prepare(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let mut programs = Vec::new();
+        let mut refusals = Vec::new();
         if config.mode != SeccompMode::Off {
             probe::seccomp().map_err(SandboxError::Unavailable)?;
+            refusals = compile_refusals()?;
             for kind in ThreadKind::ALL {
                 programs.push((kind, compile(kind, config.mode)?));
             }
@@ -201,7 +221,11 @@ impl Sandbox {
         if config.mode == SeccompMode::Enforce {
             report::install_handler().map_err(SandboxError::Handler)?;
         }
-        Ok(Sandbox { config, programs })
+        Ok(Sandbox {
+            config,
+            refusals,
+            programs,
+        })
     }
 
     /// The mode.
@@ -216,8 +240,10 @@ impl Sandbox {
         let Some((_, program)) = self.programs.iter().find(|(k, _)| *k == kind) else {
             return Ok(());
         };
-        seccompiler::apply_filter(program)
-            .map_err(|source| SandboxError::Install { kind, source })?;
+        for p in [&self.refusals, program] {
+            seccompiler::apply_filter(p)
+                .map_err(|source| SandboxError::Install { kind, source })?;
+        }
         KIND.with(|k| k.set(kind.code()));
         if self.config.test_violation == Some(kind) {
             test_violation();

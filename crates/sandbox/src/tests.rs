@@ -132,6 +132,16 @@ fn a_filtered_thread_keeps_working_and_dies_by_sigsys_on_a_forbidden_call() {
         0
     });
     assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    // Opening a file fails (glibc's malloc tries once) but does not end the process.
+    let status = in_child(|| {
+        sandbox.apply(ThreadKind::Io).unwrap();
+        let r = std::fs::File::open("/proc/sys/vm/overcommit_memory");
+        i32::from(r.err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES))
+    });
+    assert_eq!(
+        (libc::WIFEXITED(status), libc::WEXITSTATUS(status)),
+        (true, 1)
+    );
     // Executable memory is refused.
     let status = in_child(|| {
         sandbox.apply(ThreadKind::Io).unwrap();
