@@ -62,6 +62,7 @@ pub fn main() -> ExitCode {
             },
         );
     }
+    sandbox_lines();
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         line(
             "hint",
@@ -96,4 +97,41 @@ pub fn main() -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+/// What the host offers for sandboxing tandem (informational: none of it is needed to run).
+fn sandbox_lines() {
+    use tandem_sandbox::{probe, syscall_count, ThreadKind};
+    let counts: Vec<String> = ThreadKind::ALL
+        .iter()
+        .map(|&k| format!("{k} {}", syscall_count(k).unwrap_or(0)))
+        .collect();
+    line(
+        "seccomp filters",
+        &match probe::seccomp() {
+            Ok(()) => format!(
+                "yes (tandem run enforces per-thread lists: {})",
+                counts.join(", ")
+            ),
+            Err(e) => format!("NO: {e}; tandem run needs --seccomp off here"),
+        },
+    );
+    line(
+        "user namespaces",
+        &match probe::user_namespaces() {
+            Ok(()) => "yes".into(),
+            Err(e) => format!("no ({e})"),
+        },
+    );
+    line(
+        "Landlock",
+        &match probe::landlock() {
+            Ok(abi) => format!("yes (ABI {abi})"),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                "no (built in but not enabled: add landlock to the lsm= boot parameter)".into()
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => "no (not in this kernel)".into(),
+            Err(e) => format!("no ({e})"),
+        },
+    );
 }

@@ -100,6 +100,15 @@ pub struct RunArgs {
     /// The virtio entropy device: on or off.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     rng: bool,
+    /// Per-thread seccomp filters: enforce (a syscall outside a thread's allow-list ends
+    /// tandem with SIGSYS and a one-line report), log (allowed, and logged by the kernel as
+    /// audit type=1326: see dmesg) or off.
+    #[arg(long, value_name = "enforce|log|off", default_value = "enforce")]
+    seccomp: tandem_sandbox::SeccompMode,
+    /// Test hook: threads of this kind (vmm, vcpu or io) make a forbidden syscall right after
+    /// installing their filter.
+    #[arg(long, value_name = "KIND", hide = true)]
+    seccomp_test_violation: Option<tandem_sandbox::ThreadKind>,
 }
 
 fn parse_disk(s: &str) -> Result<BlockConfig, String> {
@@ -274,6 +283,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             housekeeping: args.housekeeping_cpus.map(|l| l.0).unwrap_or_default(),
             lock_memory: args.lock_memory,
             hugepages: args.hugepages,
+        },
+        sandbox: tandem_sandbox::SandboxConfig {
+            mode: args.seccomp,
+            test_violation: args.seccomp_test_violation,
         },
         console: match args.console {
             SerialOutput::None => None,

@@ -182,6 +182,11 @@ fn malformed_flags() {
     );
     assert_one_clear_line(&["run"], &[], "--kernel");
     assert_one_clear_line(&["frobnicate"], &[], "unrecognized subcommand");
+    assert_one_clear_line(
+        &["run", "--kernel", "/x", "--seccomp", "strict"],
+        &[],
+        "not enforce, log or off",
+    );
 }
 
 fn scratch_file(name: &str, mode: u32) -> std::path::PathBuf {

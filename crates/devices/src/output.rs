@@ -51,12 +51,13 @@ pub struct OutputDrain {
     shared: Arc<Shared>,
 }
 
-/// Starts a thread named `name` that writes what the returned queue takes to `dest`, holding
-/// at most `capacity` bytes.
+/// Starts a thread named `name` that runs `on_start` (e.g. to install its seccomp filter), then
+/// writes what the returned queue takes to `dest`, holding at most `capacity` bytes.
 pub fn spawn(
     dest: Box<dyn Write + Send>,
     name: &str,
     capacity: usize,
+    on_start: Box<dyn FnOnce() + Send>,
 ) -> io::Result<(OutputQueue, OutputDrain)> {
     let shared = Arc::new(Shared {
         state: Mutex::default(),
@@ -64,9 +65,10 @@ pub fn spawn(
         capacity,
     });
     let s = shared.clone();
-    thread::Builder::new()
-        .name(name.into())
-        .spawn(move || write_out(&s, dest))?;
+    thread::Builder::new().name(name.into()).spawn(move || {
+        on_start();
+        write_out(&s, dest)
+    })?;
     Ok((
         OutputQueue {
             shared: shared.clone(),
@@ -187,7 +189,8 @@ mod tests {
     #[test]
     fn everything_written_arrives_in_order_and_finish_waits_for_it() {
         let out = Captured::default();
-        let (mut q, drain) = spawn(Box::new(out.clone()), "test-out", CAPACITY).unwrap();
+        let (mut q, drain) =
+            spawn(Box::new(out.clone()), "test-out", CAPACITY, Box::new(|| ())).unwrap();
         let mut want = Vec::new();
         for i in 0..10_000u32 {
             let line = format!("line {i}\n");
@@ -202,7 +205,13 @@ mod tests {
     fn a_stalled_destination_never_blocks_the_writer_and_the_loss_is_reported() {
         let out = Captured::default();
         let (go, wait) = mpsc::channel();
-        let (mut q, drain) = spawn(Box::new(Stalled(wait, out.clone())), "test-out", 4096).unwrap();
+        let (mut q, drain) = spawn(
+            Box::new(Stalled(wait, out.clone())),
+            "test-out",
+            4096,
+            Box::new(|| ()),
+        )
+        .unwrap();
         // 1 MiB into a destination that takes nothing: every write returns at once.
         for _ in 0..256 {
             assert_eq!(q.write(&[b'x'; 4096]).unwrap(), 4096);

@@ -93,6 +93,9 @@ pub enum VmError {
     /// Port forwards over TAP could not be installed.
     #[error(transparent)]
     PortMap(#[from] tandem_net::portmap::PortMapError),
+    /// The seccomp filters could not be prepared or installed.
+    #[error(transparent)]
+    Sandbox(#[from] tandem_sandbox::SandboxError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -123,6 +126,7 @@ impl VmError {
             | VmError::Tap(_)
             | VmError::PortMap(_)
             | VmError::Channel(_)
+            | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_) => true,
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,

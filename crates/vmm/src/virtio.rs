@@ -11,6 +11,8 @@ use tandem_virtio::{Interrupt, Mem, MmioTransport, VirtioDevice, MMIO_WINDOW, NO
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use tandem_sandbox::{Sandbox, ThreadKind};
+
 use crate::acpi::VirtioSlot;
 use crate::bus::DeviceBus;
 use crate::error::VmError;
@@ -82,7 +84,7 @@ impl VirtioDevices {
 
     /// Starts the I/O thread that serves every device's queues; `None` when there are no
     /// devices.
-    pub fn start(self) -> Result<Option<IoThread>, VmError> {
+    pub fn start(self, sandbox: Arc<Sandbox>) -> Result<Option<IoThread>, VmError> {
         if self.subscribers.is_empty() {
             return Ok(None);
         }
@@ -94,7 +96,7 @@ impl VirtioDevices {
         let subscribers = self.subscribers;
         let handle = thread::Builder::new()
             .name("virtio-io".into())
-            .spawn(move || io_loop(subscribers, thread_stop))
+            .spawn(move || io_loop(subscribers, thread_stop, &sandbox))
             .map_err(VmError::Device)?;
         Ok(Some(IoThread { stop, handle }))
     }
@@ -119,7 +121,7 @@ impl MutEventSubscriber for StopSubscriber {
     }
 }
 
-fn io_loop(subscribers: Vec<Subscriber>, stop: Arc<Stopper>) {
+fn io_loop(subscribers: Vec<Subscriber>, stop: Arc<Stopper>, sandbox: &Sandbox) {
     let mut em = match EventManager::<Subscriber>::new() {
         Ok(em) => em,
         Err(e) => {
@@ -131,6 +133,7 @@ fn io_loop(subscribers: Vec<Subscriber>, stop: Arc<Stopper>) {
     for s in subscribers {
         em.add_subscriber(s);
     }
+    sandbox.apply_or_exit(ThreadKind::Io);
     while !stop.flag.load(Ordering::Acquire) {
         if let Err(e) = em.run() {
             tracing::error!("virtio I/O thread: {e:?}");

@@ -32,6 +32,7 @@ use crate::signals::StopSignals;
 use crate::vcpu::{run_loop, VcpuReport};
 use crate::virtio::VirtioDevices;
 use crate::{acpi, cpuid, regs};
+use tandem_sandbox::{Keeper, Sandbox, SeccompMode, ThreadKind};
 
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub struct VmConfig {
     pub virtio_transport: VirtioTransport,
     /// CPU pinning, scheduling and memory backing.
     pub placement: crate::placement::Placement,
+    /// The per-thread seccomp filters.
+    pub sandbox: tandem_sandbox::SandboxConfig,
 }
 
 /// The transport of the VM's virtio devices.
@@ -368,6 +371,7 @@ fn serial_sink(
     out: &SerialOutput,
     name: &str,
     drains: &mut Vec<(String, OutputDrain)>,
+    sandbox: &Arc<Sandbox>,
 ) -> Result<Box<dyn Write + Send>, VmError> {
     let dest: Box<dyn Write + Send> = match out {
         // A descriptor of its own: a writer blocked on a stalled stdout must not hold the lock
@@ -386,8 +390,14 @@ fn serial_sink(
         }
         SerialOutput::None => return Ok(Box::new(io::sink())),
     };
-    let (queue, drain) =
-        output::spawn(dest, &format!("{name}-out"), output::CAPACITY).map_err(VmError::Device)?;
+    let sandbox = sandbox.clone();
+    let (queue, drain) = output::spawn(
+        dest,
+        &format!("{name}-out"),
+        output::CAPACITY,
+        Box::new(move || sandbox.apply_or_exit(ThreadKind::Output)),
+    )
+    .map_err(VmError::Device)?;
     drains.push((name.to_string(), drain));
     Ok(Box::new(queue))
 }
@@ -410,6 +420,23 @@ fn finish_output(drains: Vec<(String, OutputDrain)>) {
 
 /// How long buffered console output may take to reach its destination once the VM has stopped.
 const OUTPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps guest memory out of forked children (as QEMU does): a child has no use for it, and
+/// pages shared copy-on-write would be copied on the guest's next write to them.
+fn dont_fork(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    use vm_memory::GuestMemoryRegion;
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        // SAFETY: the range is a live mapping owned by `mem`; MADV_DONTFORK changes only what
+        // fork copies.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) } != 0 {
+            return Err(VmError::Device(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
 
 /// The signal that interrupts `KVM_RUN` so a vCPU thread sees its stop request.
 fn kick_signal() -> i32 {
@@ -458,6 +485,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let signals = StopSignals::block().map_err(VmError::Device)?;
     let kvm = open_kvm()?;
     validate(cfg, &kvm)?;
+    // Compiled before anything is built; each thread installs its filter once its privileged
+    // setup is done.
+    let sandbox = Arc::new(Sandbox::prepare(cfg.sandbox)?);
     cfg.placement.check(cfg.vcpus.into())?;
     // Every thread started from here on inherits the housekeeping CPUs; vCPU threads then pin
     // themselves.
@@ -496,7 +526,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let reset = EventFdTrigger::new().map_err(VmError::Device)?;
     let mut drains = Vec::new();
     let console = ConsoleWriter::new(
-        serial_sink(&cfg.serial, "serial", &mut drains)?,
+        serial_sink(&cfg.serial, "serial", &mut drains, &sandbox)?,
         panic.clone(),
     )
     .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
@@ -529,18 +559,30 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         let dev = if *out == SerialOutput::Stdout && cfg.stdin {
             let input = tandem_virtio::ConsoleInput::new().map_err(VmError::Device)?;
             console_input = Some(input.clone());
-            tandem_virtio::Console::with_input(serial_sink(out, "console", &mut drains)?, input)
+            tandem_virtio::Console::with_input(
+                serial_sink(out, "console", &mut drains, &sandbox)?,
+                input,
+            )
         } else {
-            tandem_virtio::Console::new(serial_sink(out, "console", &mut drains)?)
+            tandem_virtio::Console::new(serial_sink(out, "console", &mut drains, &sandbox)?)
         };
         devices.push((Box::new(dev), "console".into()));
     }
-    // Removed (by drop) on every way out of this function, error or not.
+    // Removed (by drop) on every way out of this function, error or not: by a keeper process
+    // when filters are on (removing it runs nft, which no filtered thread may start).
     let mut _port_map = None;
+    let mut _port_map_keeper = None;
     if let Some(NetConfig::Tap(tap)) = &cfg.net {
         let backend = tandem_net::tap::Tap::open(&tap.name)?;
         if let Some(spec) = tap.port_map()? {
-            _port_map = Some(tandem_net::portmap::PortMap::install(&spec)?);
+            let map = tandem_net::portmap::PortMap::install(&spec)?;
+            if sandbox.mode() == SeccompMode::Off {
+                _port_map = Some(map);
+            } else {
+                // The keeper needs no guest memory: not copied, no copy-on-write for the guest.
+                dont_fork(&mem)?;
+                _port_map_keeper = Some(Keeper::spawn(map).map_err(VmError::Device)?);
+            }
         }
         let dev = tandem_virtio::Net::new(Box::new(backend), tandem_net::user::GUEST_MAC.0);
         devices.push((Box::new(dev), "net0".into()));
@@ -581,7 +623,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
-    let io_thread = virtio.start()?;
+    let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
 
     // vCPUs.
@@ -601,6 +643,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
         // the guest, so each thread keeps the mapping alive.
         let guest_memory = (mem.clone(), keep_mapped.clone());
+        let sandbox = sandbox.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -608,6 +651,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 if let Err(e) = placement.apply_to_vcpu(index.into()) {
                     tracing::error!("vcpu{index}: cannot apply its placement: {e}");
                 }
+                sandbox.apply_or_exit(ThreadKind::Vcpu);
                 let mut vcpu = KvmVcpu::new(fd);
                 let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
                 if let Ok(mut r) = reports.lock() {
@@ -620,6 +664,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
 
     tracing::info!("{} vCPUs started", cfg.vcpus);
+    // Every thread is started: the main thread's own filter is not inherited by any.
+    sandbox.apply(ThreadKind::Vmm)?;
+    tracing::info!("seccomp filters: {}", sandbox.mode());
     let event = event_loop::run(EventSources {
         poweroff: &poweroff,
         reset: &reset,

@@ -67,45 +67,56 @@ impl Policy {
         }
         // The host's own addresses are its loopback by another name: where 10.0.2.2 is
         // limited, so are they (another VM's forward listening on 0.0.0.0 stays out of reach).
-        if self.host_loopback != HostLoopback::All && host_addresses().contains(&ip) {
+        if self.host_loopback != HostLoopback::All && is_host_address(ip) {
             return None;
         }
         Some(dst)
     }
 }
 
-/// The host's IPv4 addresses (getifaddrs).
-fn host_addresses() -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        // Cannot tell: treat every address as the host's (refuse) rather than let one through.
-        return vec![Ipv4Addr::UNSPECIFIED];
+/// Whether `ip` is one of the host's own addresses: the kernel lets a socket bind to an address
+/// only when it is local. (The I/O thread's seccomp filter allows this, where getifaddrs would
+/// need a netlink socket; with `net.ipv4.ip_nonlocal_bind=1` every address looks local, so the
+/// check refuses too much rather than too little.) A check that cannot be made refuses.
+fn is_host_address(ip: Ipv4Addr) -> bool {
+    match std::net::UdpSocket::bind(SocketAddrV4::new(ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::EADDRNOTAVAIL),
     }
-    let mut p = list;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
-            let family = unsafe { (*ifa.ifa_addr).sa_family };
-            if i32::from(family) == libc::AF_INET {
-                // SAFETY: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-        }
-        p = ifa.ifa_next;
-    }
-    // SAFETY: list came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(list) };
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host's IPv4 addresses (getifaddrs), what `is_host_address` must agree with.
+    fn host_addresses() -> Vec<Ipv4Addr> {
+        let mut out = Vec::new();
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a list we free below.
+        if unsafe { libc::getifaddrs(&mut list) } != 0 {
+            // Cannot tell: treat every address as the host's (refuse) rather than let one through.
+            return vec![Ipv4Addr::UNSPECIFIED];
+        }
+        let mut p = list;
+        while !p.is_null() {
+            // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
+            let ifa = unsafe { &*p };
+            if !ifa.ifa_addr.is_null() {
+                // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+                let family = unsafe { (*ifa.ifa_addr).sa_family };
+                if i32::from(family) == libc::AF_INET {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                }
+            }
+            p = ifa.ifa_next;
+        }
+        // SAFETY: list came from getifaddrs and is freed once.
+        unsafe { libc::freeifaddrs(list) };
+        out
+    }
 
     fn to(a: [u8; 4], port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::from(a), port)
@@ -164,5 +175,10 @@ mod tests {
                 .is_some());
         }
         assert!(host_addresses().contains(&Ipv4Addr::LOCALHOST));
+        for ip in host_addresses() {
+            assert!(is_host_address(ip), "{ip}");
+        }
+        // TEST-NET-1 (RFC 5737) is no host's.
+        assert!(!is_host_address(Ipv4Addr::new(192, 0, 2, 1)));
     }
 }
