@@ -50,6 +50,18 @@ record gone sh -c 'ip link show tap0 2>&1; true'
 }
 
 /// The guest on tap0 at 192.168.100.2, serving a page on port 80 until it is stopped.
+/// nft and ip, with their libraries, for the test host (the tests read the rules and set up
+/// interfaces there).
+fn nft_and_ip() -> Vec<String> {
+    let (nft, ip) = ("/usr/sbin/nft", "/usr/sbin/ip");
+    let mut files = vec![nft.to_string(), ip.to_string()];
+    files.extend(shared_libs(nft));
+    files.extend(shared_libs(ip));
+    files.sort();
+    files.dedup();
+    files
+}
+
 fn web_guest() -> String {
     exec_cmdline(
         "ip link set eth0 up; ip addr add 192.168.100.2/24 dev eth0; ip route add default via 192.168.100.1; \
@@ -109,14 +121,8 @@ record next timeout 150 tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpi
 record after sh -c 'nft list tables; echo tables-listed'
 "#
     );
-    let nft = "/usr/sbin/nft";
-    let ip = "/usr/sbin/ip";
-    let mut libs = shared_libs(nft);
-    libs.extend(shared_libs(ip));
-    libs.sort();
-    libs.dedup();
-    let mut with = vec![nft, ip];
-    with.extend(libs.iter().map(String::as_str));
+    let with = nft_and_ip();
+    let with: Vec<&str> = with.iter().map(String::as_str).collect();
     let (cases, all) = run_script_with(&script, &with);
 
     let rules = case(&cases, &all, "rules");
@@ -229,14 +235,8 @@ record next timeout 150 tandem run --kernel $G/vmlinuz --initrd $G/initramfs.cpi
 record restored sh -c 'cat /proc/sys/net/ipv4/conf/tap1/route_localnet; nft list tables; echo tables-listed'
 "#
     );
-    let nft = "/usr/sbin/nft";
-    let ip = "/usr/sbin/ip";
-    let mut libs = shared_libs(nft);
-    libs.extend(shared_libs(ip));
-    libs.sort();
-    libs.dedup();
-    let mut with = vec![nft, ip];
-    with.extend(libs.iter().map(String::as_str));
+    let with = nft_and_ip();
+    let with: Vec<&str> = with.iter().map(String::as_str).collect();
     let (cases, all) = run_script_with(&script, &with);
 
     let probe = case(&cases, &all, "probe");

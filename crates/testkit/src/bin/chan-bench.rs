@@ -13,13 +13,12 @@
 //! in the shared memory for `poll` and `bell`, through the socket for `tcp`). `a` prints
 //! `chan-bench mode=M rounds=N rt-per-s=X mb-per-s=Y`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{fence, Ordering};
 use std::time::Instant;
+
+use tandem_testkit::BarMap;
 
 /// Words of the shared memory: the two counters, then the bulk ring's head and tail; data from
 /// byte 4096.
@@ -31,54 +30,9 @@ const READY: usize = 4;
 const DATA: usize = 4096;
 const CHUNK: usize = 64 << 10;
 
-struct Map {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Map {
-    fn new(path: &str) -> Map {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_SYNC)
-            .open(path)
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        let len = f.metadata().map(|m| m.len() as usize).expect("size");
-        // SAFETY: maps the whole resource file, shared, for the life of the process.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap {path}");
-        Map {
-            ptr: ptr.cast(),
-            len,
-        }
-    }
-
-    fn word(&self, i: usize) -> u32 {
-        fence(Ordering::SeqCst);
-        // SAFETY: i * 4 is within the first page of the mapping.
-        unsafe { std::ptr::read_volatile(self.ptr.cast::<u32>().add(i)) }
-    }
-
-    fn set(&self, i: usize, v: u32) {
-        // SAFETY: as in `word`.
-        unsafe { std::ptr::write_volatile(self.ptr.cast::<u32>().add(i), v) };
-        fence(Ordering::SeqCst);
-    }
-}
-
 struct Channel {
-    shm: Map,
-    regs: Map,
+    shm: BarMap,
+    regs: BarMap,
     /// `/dev/uioN` (read to wait) and the device's PCI config file (to unmask INTx).
     uio: Option<(File, File)>,
     peer: u32,
@@ -125,8 +79,8 @@ impl Channel {
             (uio, config)
         });
         Channel {
-            shm: Map::new(&format!("{}/resource2", dev.display())),
-            regs: Map::new(&format!("{}/resource0", dev.display())),
+            shm: BarMap::new(&format!("{}/resource2", dev.display())),
+            regs: BarMap::new(&format!("{}/resource0", dev.display())),
             uio,
             peer,
         }
@@ -158,7 +112,7 @@ impl Channel {
 
 fn shm_mode(role: &str, bell: bool, rounds: u32, mib: usize) {
     let mut ch = Channel::open(bell, if role == "a" { 1 } else { 0 });
-    let ring_len = (ch.shm.len - DATA) / CHUNK * CHUNK;
+    let ring_len = (ch.shm.len() - DATA) / CHUNK * CHUNK;
     if role == "b" {
         ch.shm.set(READY, 1);
         ch.ring();
@@ -193,7 +147,7 @@ fn shm_mode(role: &str, bell: bool, rounds: u32, mib: usize) {
         }
         let off = DATA + ((h - 1) % slots) as usize * CHUNK;
         // SAFETY: off + CHUNK is within the ring inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), ch.shm.ptr.add(off), CHUNK) };
+        unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), ch.shm.ptr().add(off), CHUNK) };
         ch.shm.set(HEAD, h);
         ch.ring();
     }

@@ -3,9 +3,6 @@
 //! times: a guest hammering a device register, as tests of the VMM's bounds need.
 //! Prints `mmio-poke wrote N` at the end.
 
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
-
 fn number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
@@ -24,40 +21,13 @@ fn main() {
         eprintln!("mmio-poke: OFFSET, VALUE and COUNT are numbers");
         std::process::exit(2);
     };
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap_or_else(|e| {
-            eprintln!("mmio-poke: {file}: {e}");
-            std::process::exit(1)
-        });
-    let page = 4096u64;
-    let base = offset & !(page - 1);
-    let len = (offset - base + 4).next_multiple_of(page) as usize;
-    // SAFETY: a fresh shared mapping of the BAR file; nothing else refers to it.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            base as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        eprintln!(
-            "mmio-poke: mmap {file}: {}",
-            std::io::Error::last_os_error()
-        );
-        std::process::exit(1);
+    if offset % 4 != 0 {
+        eprintln!("mmio-poke: OFFSET must be a multiple of 4");
+        std::process::exit(2);
     }
-    // SAFETY: offset - base + 4 <= len, inside the mapping; 32-bit aligned as the caller gives.
-    let reg = unsafe { ptr.cast::<u8>().add((offset - base) as usize).cast::<u32>() };
+    let bar = tandem_testkit::BarMap::new(file);
     for _ in 0..count {
-        // SAFETY: `reg` points into the live mapping.
-        unsafe { reg.write_volatile(value as u32) };
+        bar.set(offset as usize / 4, value as u32);
     }
     println!("mmio-poke wrote {count}");
 }
