@@ -48,6 +48,7 @@ record flood flood
         .lines()
         .find_map(|l| l.trim().strip_prefix("log-bytes=")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no log size:\n{out}"));
+    eprintln!("{NOTIFIES} notifies of a missing queue left {bytes} bytes of log");
     assert!(bytes > 0, "the bad notifies are logged:\n{out}");
     assert!(
         bytes < 64 * 1024,
