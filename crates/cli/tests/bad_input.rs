@@ -715,7 +715,11 @@ fn doorbells_that_are_not_distinct_eventfds_and_channel_files_behind_links() {
         )
     };
     let file = std::fs::File::open(k).unwrap();
-    let f = file.as_raw_fd();
+    // Sources far above the targets: dup2 onto itself (a source that happens to be 10-13 in
+    // this process) would keep its close-on-exec flag, and one source could overwrite another.
+    // SAFETY: F_DUPFD_CLOEXEC makes new descriptors, closed when this test ends.
+    let high = |fd: i32| unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+    let (e1, e2, f) = (high(e1), high(e2), high(file.as_raw_fd()));
     let cmd = || {
         let mut c = tandem_cmd(false);
         // SAFETY: dup2 and close are async-signal-safe and act on the child's table only.
