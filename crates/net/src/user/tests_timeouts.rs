@@ -75,13 +75,20 @@ fn closed(mut s: TcpStream) -> bool {
     }
 }
 
-#[test]
-fn a_handshake_the_guest_never_completes_ends_after_the_timeout() {
+/// A network whose guest has sent a SYN to a host listener through the gateway; the listener
+/// and the guest's destination.
+fn guest_connects() -> (UserNet, TcpListener, SocketAddrV4) {
     let host = TcpListener::bind("127.0.0.1:0").unwrap();
     let dst = SocketAddrV4::new(GATEWAY, host.local_addr().unwrap().port());
     let mut net = net(Vec::new());
     net.send(&syn(dst));
     net.flush();
+    (net, host, dst)
+}
+
+#[test]
+fn a_handshake_the_guest_never_completes_ends_after_the_timeout() {
+    let (mut net, host, _) = guest_connects();
     let (conn, _) = host.accept().unwrap();
     // The guest never acknowledges the SYN-ACK.
     assert_eq!(settle(&mut net), 1, "waiting for the handshake");
@@ -92,11 +99,7 @@ fn a_handshake_the_guest_never_completes_ends_after_the_timeout() {
 
 #[test]
 fn a_syn_then_rst_ends_after_the_handshake_timeout() {
-    let host = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dst = SocketAddrV4::new(GATEWAY, host.local_addr().unwrap().port());
-    let mut net = net(Vec::new());
-    net.send(&syn(dst));
-    net.flush();
+    let (mut net, host, dst) = guest_connects();
     let (conn, _) = host.accept().unwrap();
     settle(&mut net);
     net.send(&segment(SocketAddrV4::new(GUEST, 40000), dst, 1001, 0, RST));
@@ -130,11 +133,7 @@ fn reset(s: TcpStream) {
 
 #[test]
 fn a_host_socket_that_hung_up_does_not_keep_waking_the_network() {
-    let host = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dst = SocketAddrV4::new(GATEWAY, host.local_addr().unwrap().port());
-    let mut net = net(Vec::new());
-    net.send(&syn(dst));
-    net.flush();
+    let (mut net, host, _) = guest_connects();
     assert_eq!(net.flows.len(), 1, "connecting");
     // The host side resets the connection before tandem saw its connect complete: the socket
     // reports EPOLLHUP|EPOLLERR, level-triggered, for as long as it stays in epoll.
