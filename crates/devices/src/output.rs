@@ -151,9 +151,13 @@ impl OutputDrain {
 }
 
 impl Drop for OutputDrain {
-    /// Output still buffered gets a short while to reach its destination, on every way out.
+    /// Output still buffered gets a short while to reach its destination, on every way out
+    /// where [`OutputDrain::finish`] was not called (once is enough: a stalled destination
+    /// must not hold up the exit twice).
     fn drop(&mut self) {
-        self.finish(Duration::from_secs(2));
+        if !self.shared.lock().closed {
+            self.finish(Duration::from_secs(2));
+        }
     }
 }
 
