@@ -11,6 +11,8 @@ use tandem_vmm::{NetConfig, SerialOutput, TapConfig, VmConfig, VmError, VmOutcom
 
 use tandem_virtio::BlockConfig;
 
+use tandem_sandbox::jail::{Forked, JailConfig, JailError};
+
 use crate::spec;
 use crate::terminal::RawTerminal;
 use crate::EXIT_USAGE;
@@ -105,6 +107,22 @@ pub struct RunArgs {
     /// audit type=1326: see dmesg) or off.
     #[arg(long, value_name = "enforce|log|off", default_value = "enforce")]
     seccomp: tandem_sandbox::SeccompMode,
+    /// Jail the VM's process once its privileged setup is done: DIR (owned by root, writable
+    /// by nobody else) becomes its read-only root, in new mount, PID, IPC and UTS namespaces
+    /// (and an empty network namespace unless user networking may go out); every capability
+    /// is dropped. Needs root.
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// With --jail: the uid the VM's process runs as (default: 0, without capabilities).
+    #[arg(long, value_name = "UID")]
+    uid: Option<u32>,
+    /// With --jail: the gid the VM's process runs as (default: 0).
+    #[arg(long, value_name = "GID")]
+    gid: Option<u32>,
+    /// A descriptor this process inherited that --jail must keep open (a CPU lock handed over
+    /// by `tandem up`); repeatable.
+    #[arg(long, value_name = "FD", hide = true)]
+    keep_fd: Vec<i32>,
     /// Test hook: threads of this kind (vmm, vcpu or io) make a forbidden syscall right after
     /// installing their filter.
     #[arg(long, value_name = "KIND", hide = true)]
@@ -249,7 +267,29 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
     // Whichever console is on stdio gets stdin (and the terminal's raw mode).
     let interactive = args.serial == SerialOutput::Stdout || args.console == SerialOutput::Stdout;
+    let jail = match (args.jail, args.uid.is_some() || args.gid.is_some()) {
+        (None, true) => return fail(JailError::IdsWithoutJail, EXIT_USAGE),
+        (None, false) => None,
+        (Some(dir), _) => Some(JailConfig {
+            dir,
+            uid: args.uid.unwrap_or(0),
+            gid: args.gid.unwrap_or(0),
+        }),
+    };
+    if let Some(j) = &jail {
+        if let Err(e) = tandem_sandbox::jail::check_config(j) {
+            return fail(e, EXIT_USAGE);
+        }
+    }
+    // Descriptors the jail keeps: the channels' doorbells, and what the caller names.
+    let keep_fds: Vec<i32> = args
+        .channel
+        .iter()
+        .flat_map(|c| c.doorbells.iter().copied())
+        .chain(args.keep_fd.iter().copied())
+        .collect();
     let cfg = VmConfig {
+        jail,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
@@ -322,6 +362,17 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
     if args.dry_run {
         return ExitCode::SUCCESS;
+    }
+    if cfg.jail.is_some() {
+        if let Err(e) = tandem_sandbox::jail::close_inherited(&keep_fds) {
+            return fail(format!("jail: closing inherited descriptors: {e}"), 1);
+        }
+        // The VM runs in the child, PID 1 of its own namespace; this process only waits.
+        match tandem_sandbox::jail::fork_into_pid_namespace() {
+            Ok(Forked::Parent(child)) => tandem_sandbox::jail::wait_and_mirror(child),
+            Ok(Forked::Child) => {}
+            Err(e) => return fail(e, 1),
+        }
     }
     let raw = if interactive {
         RawTerminal::enter()

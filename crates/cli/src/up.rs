@@ -114,6 +114,13 @@ fn make_state_dir(state: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot use {}: {e}", state.display()))
 }
 
+/// Creates a VM's jail directory: empty, owned by root (the supervisor), writable by no one else.
+fn make_jail_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("cannot make the jail {}: {e}", dir.display()))
+}
+
 /// Starts `tandem up` again in a new session with its output in DIR/supervisor.log, and waits
 /// until its control socket answers (it runs) or it exits (it failed).
 fn detach(args: &UpArgs) -> ExitCode {
@@ -233,14 +240,32 @@ pub fn up(args: UpArgs) -> ExitCode {
         }
         doorbells.push(fds);
     }
-    let (mut vms, channels) = plan(&config, &state, &Host::current().cpus, &doorbells);
+    // As root, every VM not configured otherwise runs jailed (see `tandem run --jail`).
+    // SAFETY: geteuid cannot fail.
+    let jails = (unsafe { libc::geteuid() } == 0).then(|| state.join("jail"));
+    let (mut vms, channels) = plan(
+        &config,
+        &state,
+        &Host::current().cpus,
+        &doorbells,
+        jails.as_deref(),
+    );
+    for dir in vms.iter().filter_map(|v| v.jail.as_ref()) {
+        if let Err(e) = make_jail_dir(dir) {
+            return fail(e, 1);
+        }
+    }
     // Held here for the supervisor's life, and inherited by each VM's process for its own.
     let cpu_locks = match tandem_partition::locks::lock_cpus(&lock_dir(), &vms) {
         Ok(l) => l,
         Err(e) => return fail(e, EXIT_USAGE),
     };
     for (i, vm) in vms.iter_mut().enumerate() {
-        vm.inherit.extend(cpu_locks.fds(i));
+        for fd in cpu_locks.fds(i) {
+            // A jailed VM closes what it inherited, but for what it is told to keep.
+            vm.args.extend(["--keep-fd".into(), fd.to_string()]);
+            vm.inherit.push(fd);
+        }
     }
     let cleanup = |channels: &[tandem_partition::plan::ChannelPlan]| {
         for c in channels {

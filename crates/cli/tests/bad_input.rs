@@ -779,3 +779,44 @@ fn doorbells_that_are_not_distinct_eventfds_and_channel_files_behind_links() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn jail_options_that_cannot_work() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--uid", "1000"],
+        &[],
+        "--uid and --gid need --jail DIR",
+    );
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--jail", "/nonexistent-jail"],
+        &[],
+        "--jail /nonexistent-jail: No such file or directory",
+    );
+    let open = std::env::temp_dir().join(format!("tandem-open-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--jail", open.to_str().unwrap()],
+        &[],
+        "group or others may write it",
+    );
+    let link = open.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/", &link).unwrap();
+    assert_one_clear_line(
+        &["run", "--kernel", k, "--jail", link.to_str().unwrap()],
+        &[],
+        "not a directory (links are refused)",
+    );
+    assert_one_clear_line_from(
+        tandem_cmd(true),
+        &["run", "--kernel", k, "--jail", "/"],
+        &[],
+        "--jail needs root",
+    );
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_dir(&open);
+}

@@ -59,22 +59,82 @@ pub fn spawn(
     capacity: usize,
     on_start: Box<dyn FnOnce() + Send>,
 ) -> io::Result<(OutputQueue, OutputDrain)> {
+    let (queue, drain, writer) = prepare(dest, name, capacity, on_start);
+    writer.start()?;
+    Ok((queue, drain))
+}
+
+/// [`spawn`] without starting the thread yet (a process that must stay single-threaded for a
+/// while, to enter its jail, starts it later): the queue takes output at once and holds it.
+pub fn prepare(
+    dest: Box<dyn Write + Send>,
+    name: &str,
+    capacity: usize,
+    on_start: Box<dyn FnOnce() + Send>,
+) -> (OutputQueue, OutputDrain, PendingWriter) {
     let shared = Arc::new(Shared {
         state: Mutex::default(),
         changed: Condvar::new(),
         capacity,
     });
-    let s = shared.clone();
-    thread::Builder::new().name(name.into()).spawn(move || {
-        on_start();
-        write_out(&s, dest)
-    })?;
-    Ok((
+    (
         OutputQueue {
             shared: shared.clone(),
         },
-        OutputDrain { shared },
-    ))
+        OutputDrain {
+            shared: shared.clone(),
+        },
+        PendingWriter {
+            shared,
+            name: name.into(),
+            run: Some((dest, on_start)),
+        },
+    )
+}
+
+/// The writer thread of a [`prepare`]d queue, not started yet. Dropped unstarted, it counts as
+/// ended, so that its drain does not wait for it.
+pub struct PendingWriter {
+    shared: Arc<Shared>,
+    name: String,
+    run: Option<WriterRun>,
+}
+
+/// What a [`PendingWriter`] runs: its destination and its start hook.
+type WriterRun = (Box<dyn Write + Send>, Box<dyn FnOnce() + Send>);
+
+impl PendingWriter {
+    /// Starts the thread.
+    pub fn start(mut self) -> io::Result<()> {
+        let Some((dest, on_start)) = self.run.take() else {
+            return Ok(());
+        };
+        let s = self.shared.clone();
+        let started = thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || {
+                on_start();
+                write_out(&s, dest)
+            });
+        if started.is_err() {
+            self.end();
+        }
+        started.map(drop)
+    }
+
+    fn end(&self) {
+        let mut st = self.shared.lock();
+        st.done = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for PendingWriter {
+    fn drop(&mut self) {
+        if self.run.is_some() {
+            self.end();
+        }
+    }
 }
 
 fn write_out(shared: &Shared, mut dest: Box<dyn Write + Send>) {
@@ -230,5 +290,33 @@ mod tests {
         assert!(text.starts_with("xxxx"), "{text}");
         assert!(text.contains("bytes of console output dropped"), "{text}");
         assert!(text.len() < 3 * 4096 + 200, "{} bytes", text.len());
+    }
+
+    #[test]
+    fn a_prepared_writer_holds_output_until_it_starts_and_unstarted_does_not_hold_up_finish() {
+        let out = Captured::default();
+        let (mut q, drain, writer) =
+            prepare(Box::new(out.clone()), "test-out", CAPACITY, Box::new(|| ()));
+        q.write_all(b"before start\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(out.0.lock().unwrap().is_empty(), "no thread, no output yet");
+        writer.start().unwrap();
+        assert_eq!(drain.finish(Duration::from_secs(10)), (0, true));
+        assert_eq!(*out.0.lock().unwrap(), b"before start\n");
+
+        let (mut q, drain, writer) = prepare(
+            Box::new(Captured::default()),
+            "test-out",
+            CAPACITY,
+            Box::new(|| ()),
+        );
+        q.write_all(b"lost").unwrap();
+        drop(writer);
+        let t = Instant::now();
+        assert!(drain.finish(Duration::from_secs(10)).1);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "finish waited for a writer never started"
+        );
     }
 }

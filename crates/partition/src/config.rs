@@ -150,6 +150,25 @@ pub struct VmSpec {
     /// Back guest memory with huge pages.
     #[serde(default)]
     pub hugepages: bool,
+    /// Jail the VM's process when the supervisor runs as root (default: true).
+    #[serde(default)]
+    pub jail: Option<Spanned<bool>>,
+    /// The uid of the jailed VM's process (default: 65534, nobody).
+    #[serde(default)]
+    pub uid: Option<Spanned<u32>>,
+    /// The gid of the jailed VM's process (default: 65534, nogroup).
+    #[serde(default)]
+    pub gid: Option<Spanned<u32>>,
+    /// Its seccomp filters, as `--seccomp`: enforce (default), log or off.
+    #[serde(default)]
+    pub seccomp: Option<Spanned<String>>,
+}
+
+impl VmSpec {
+    /// Whether the VM is jailed when the supervisor can jail it.
+    pub fn jailed(&self) -> bool {
+        self.jail.as_ref().is_none_or(|j| *j.get_ref())
+    }
 }
 
 /// One `[[channel]]` table.
@@ -259,6 +278,33 @@ impl Config {
                     vm.name.span(),
                     format!("a VM named '{name}' is already declared on line {first}"),
                 ));
+            }
+        }
+        for vm in &self.vms {
+            let name = vm.name.get_ref();
+            if let Some(s) = &vm.seccomp {
+                if !matches!(s.get_ref().as_str(), "enforce" | "log" | "off") {
+                    return Err(self.error(
+                        s.span(),
+                        format!(
+                            "VM '{name}': seccomp '{}' is not enforce, log or off",
+                            s.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if !vm.jailed() {
+                if let Some(span) = vm
+                    .uid
+                    .as_ref()
+                    .map(|u| u.span())
+                    .or(vm.gid.as_ref().map(|g| g.span()))
+                {
+                    return Err(self.error(
+                        span,
+                        format!("VM '{name}': uid and gid apply to a jailed VM, but jail = false"),
+                    ));
+                }
             }
         }
         let online = cpu_list(&host.cpus);

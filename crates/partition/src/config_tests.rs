@@ -66,7 +66,7 @@ fn a_two_partition_config_parses_and_validates() {
 fn unknown_keys_and_bad_values_name_their_line() {
     assert_eq!(
         err("[[vm]]\nname = \"a\"\nkernel = \"/k\"\nmemory = \"1G\"\ncpus = [0]\ncolour = \"red\"\n"),
-        "p.toml:6: unknown field `colour`, expected one of `name`, `role`, `kernel`, `initrd`, `cmdline`, `memory`, `cpus`, `disks`, `net`, `forwards`, `restart`, `lock_memory`, `hugepages`"
+        "p.toml:6: unknown field `colour`, expected one of `name`, `role`, `kernel`, `initrd`, `cmdline`, `memory`, `cpus`, `disks`, `net`, `forwards`, `restart`, `lock_memory`, `hugepages`, `jail`, `uid`, `gid`, `seccomp`"
     );
     let e = err(
         "[[vm]]\nname = \"a\"\nkernel = \"/k\"\nmemory = \"1G\"\ncpus = [0]\nrole = \"fast\"\n",
@@ -157,4 +157,21 @@ fn cpu_lists_are_compact() {
         cpu_list(&[0, 1, 2, 5, 7, 8].into_iter().collect()),
         "0-2,5,7-8"
     );
+}
+
+#[test]
+fn sandbox_keys_are_checked_with_their_line() {
+    let vm = "[[vm]]\nname = \"a\"\nkernel = \"/k\"\nmemory = \"256M\"\ncpus = [0]\n";
+    let e = err(&format!("{vm}seccomp = \"strict\"\n"));
+    assert!(
+        e.contains("p.toml:6") && e.contains("seccomp 'strict' is not enforce, log or off"),
+        "{e}"
+    );
+    let e = err(&format!("{vm}jail = false\nuid = 1000\n"));
+    assert!(
+        e.contains("p.toml:7") && e.contains("uid and gid apply to a jailed VM"),
+        "{e}"
+    );
+    let c = check(&format!("{vm}uid = 1000\ngid = 100\nseccomp = \"log\"\n")).unwrap();
+    assert!(c.vms[0].jailed());
 }

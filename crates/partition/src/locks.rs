@@ -287,6 +287,7 @@ mod tests {
             lock_memory: false,
             hugepages: false,
             inherit: Vec::new(),
+            jail: None,
         }
     }
 

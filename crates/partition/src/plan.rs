@@ -25,7 +25,12 @@ pub struct VmPlan {
     /// Descriptors its process inherits: its channels' doorbells (and, added by `tandem up`,
     /// its CPU locks). All others are close-on-exec.
     pub inherit: Vec<i32>,
+    /// The directory it is jailed in, if it is.
+    pub jail: Option<PathBuf>,
 }
+
+/// The uid and gid of a jailed VM not configured otherwise: Debian's nobody and nogroup.
+pub const NOBODY: u32 = 65534;
 
 /// A channel's shared memory file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,11 +53,14 @@ fn list(cpus: &[u32]) -> String {
 /// The plan for every VM and channel of `config`; channel files go in `state_dir`, every VM's
 /// non-vCPU threads stay off the CPUs of all realtime VMs (out of `host_cpus`), and channel `c`
 /// gets the doorbell eventfds `doorbells[c]` (one per member, in member order) when given.
+/// With `jails` (a supervisor running as root), each VM not configured otherwise is jailed in
+/// `jails/NAME`.
 pub fn plan(
     config: &Config,
     state_dir: &Path,
     host_cpus: &BTreeSet<u32>,
     doorbells: &[Vec<i32>],
+    jails: Option<&Path>,
 ) -> (Vec<VmPlan>, Vec<ChannelPlan>) {
     let rt_cpus: BTreeSet<u32> = config
         .vms
@@ -113,6 +121,17 @@ pub fn plan(
             for f in &vm.forwards {
                 a.extend(["--forward".into(), f.get_ref().clone()]);
             }
+            if let Some(s) = &vm.seccomp {
+                a.extend(["--seccomp".into(), s.get_ref().clone()]);
+            }
+            let jail = jails.filter(|_| vm.jailed()).map(|j| j.join(name));
+            if let Some(dir) = &jail {
+                let id = |v: &Option<toml::Spanned<u32>>| {
+                    v.as_ref().map_or(NOBODY, |v| *v.get_ref()).to_string()
+                };
+                a.extend(["--jail".into(), dir.display().to_string()]);
+                a.extend(["--uid".into(), id(&vm.uid), "--gid".into(), id(&vm.gid)]);
+            }
             let mut inherit = Vec::new();
             for (c, (ch, spec)) in channels.iter().zip(&config.channels).enumerate() {
                 if let Some(id) = spec.members.get_ref().iter().position(|m| m == name) {
@@ -135,6 +154,7 @@ pub fn plan(
                 lock_memory: vm.lock_memory,
                 hugepages: vm.hugepages,
                 inherit,
+                jail,
             }
         })
         .collect();
@@ -191,7 +211,13 @@ size = "1M"
 members = ["gp", "rt"]
 "#;
         let c = Config::parse(Path::new("p.toml"), text.into()).unwrap();
-        let (vms, chans) = plan(&c, Path::new("/run/t"), &(0..4).collect(), &[vec![7, 8]]);
+        let (vms, chans) = plan(
+            &c,
+            Path::new("/run/t"),
+            &(0..4).collect(),
+            &[vec![7, 8]],
+            None,
+        );
         assert_eq!(chans[0].path, PathBuf::from("/run/t/channel-c"));
         // Each VM inherits its channels' doorbells, nothing else.
         assert_eq!(vms[0].inherit, [7, 8]);
@@ -230,5 +256,56 @@ members = ["gp", "rt"]
         ] {
             assert_eq!(net_arg(Some(kept), &fwd).as_deref(), Some(kept));
         }
+    }
+
+    #[test]
+    fn a_root_supervisor_jails_each_vm_as_configured_and_nobody_by_default() {
+        let text = r#"
+[[vm]]
+name = "a"
+kernel = "/k"
+memory = "256M"
+cpus = [0]
+
+[[vm]]
+name = "b"
+kernel = "/k"
+memory = "256M"
+cpus = [1]
+uid = 1000
+gid = 100
+seccomp = "log"
+
+[[vm]]
+name = "c"
+kernel = "/k"
+memory = "256M"
+cpus = [2]
+jail = false
+"#;
+        let c = Config::parse(Path::new("p.toml"), text.into()).unwrap();
+        let jails = Path::new("/run/t/jail");
+        let (vms, _) = plan(&c, Path::new("/run/t"), &(0..4).collect(), &[], Some(jails));
+        let tail = |v: &VmPlan| v.args[v.args.len() - 6..].join(" ");
+        assert_eq!(
+            tail(&vms[0]),
+            "--jail /run/t/jail/a --uid 65534 --gid 65534"
+        );
+        assert_eq!(vms[0].jail.as_deref(), Some(jails.join("a").as_path()));
+        assert_eq!(
+            vms[1].args[vms[1].args.len() - 8..].join(" "),
+            "--seccomp log --jail /run/t/jail/b --uid 1000 --gid 100"
+        );
+        assert!(
+            !vms[2].args.contains(&"--jail".to_string()),
+            "{:?}",
+            vms[2].args
+        );
+        assert_eq!(vms[2].jail, None);
+        // Not root: nobody is jailed.
+        let (vms, _) = plan(&c, Path::new("/run/t"), &(0..4).collect(), &[], None);
+        assert!(vms
+            .iter()
+            .all(|v| v.jail.is_none() && !v.args.contains(&"--jail".into())));
     }
 }

@@ -25,6 +25,7 @@ fn sh_vm(name: &str, script: &str, inherit: Vec<i32>) -> VmPlan {
         lock_memory: false,
         hugepages: false,
         inherit,
+        jail: None,
     }
 }
 

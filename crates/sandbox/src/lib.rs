@@ -1,4 +1,5 @@
-//! tandem's sandbox: a seccomp-bpf allow-list for each kind of thread of `tandem run`.
+//! tandem's sandbox: a seccomp-bpf allow-list for each kind of thread of `tandem run`, and the
+//! [`jail`] (namespaces, pivot_root, ids and capabilities dropped) its process enters first.
 //!
 //! Each thread installs its own filter when it starts, after its privileged setup: the main
 //! thread just before its event loop, each vCPU thread after its placement (pinning,
@@ -8,6 +9,7 @@
 
 #![deny(missing_docs)]
 
+pub mod jail;
 mod keeper;
 pub mod probe;
 mod report;

@@ -96,6 +96,9 @@ pub enum VmError {
     /// The seccomp filters could not be prepared or installed.
     #[error(transparent)]
     Sandbox(#[from] tandem_sandbox::SandboxError),
+    /// The jail could not be entered.
+    #[error(transparent)]
+    Jail(#[from] tandem_sandbox::jail::JailError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -128,6 +131,7 @@ impl VmError {
             | VmError::Channel(_)
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_) => true,
+            VmError::Jail(e) => e.is_user_error(),
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use tandem_devices::acpi_pm::ACPI_PM_PORT;
 use tandem_devices::i8042::{I8042_BASE, I8042_PORTS};
-use tandem_devices::output::{self, OutputDrain};
+use tandem_devices::output::{self, OutputDrain, PendingWriter};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 use tandem_devices::{
     AcpiPmDevice, ConsoleWriter, EventFdTrigger, PanicRecord, SerialDevice, I8042,
@@ -83,6 +83,9 @@ pub struct VmConfig {
     pub placement: crate::placement::Placement,
     /// The per-thread seccomp filters.
     pub sandbox: tandem_sandbox::SandboxConfig,
+    /// The jail the process enters once its privileged setup is done (`None`: none). The
+    /// caller has closed inherited descriptors and forked into a PID namespace already.
+    pub jail: Option<tandem_sandbox::jail::JailConfig>,
 }
 
 /// The transport of the VM's virtio devices.
@@ -367,10 +370,12 @@ fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
 
 /// Where a console's output goes, behind a queue that never blocks the device (and so the vCPU
 /// or I/O thread) writing it; the drain that empties the queue is kept in `drains`.
+/// Its writer thread is started later, with the others in `writers`.
 fn serial_sink(
     out: &SerialOutput,
     name: &str,
     drains: &mut Vec<(String, OutputDrain)>,
+    writers: &mut Vec<PendingWriter>,
     sandbox: &Arc<Sandbox>,
 ) -> Result<Box<dyn Write + Send>, VmError> {
     let dest: Box<dyn Write + Send> = match out {
@@ -391,14 +396,14 @@ fn serial_sink(
         SerialOutput::None => return Ok(Box::new(io::sink())),
     };
     let sandbox = sandbox.clone();
-    let (queue, drain) = output::spawn(
+    let (queue, drain, writer) = output::prepare(
         dest,
         &format!("{name}-out"),
         output::CAPACITY,
         Box::new(move || sandbox.apply_or_exit(ThreadKind::Output)),
-    )
-    .map_err(VmError::Device)?;
+    );
     drains.push((name.to_string(), drain));
+    writers.push(writer);
     Ok(Box::new(queue))
 }
 
@@ -477,6 +482,20 @@ fn stop_vcpus(handles: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
     }
 }
 
+/// What the VM still needs from the host once jailed: host sockets for user networking that
+/// may go out (a restricted one only accepts on listeners bound already), and the vCPUs'
+/// SCHED_FIFO priority.
+fn jail_needs(cfg: &VmConfig) -> tandem_sandbox::jail::JailNeeds {
+    tandem_sandbox::jail::JailNeeds {
+        host_network: matches!(&cfg.net, Some(NetConfig::User(u)) if !u.policy.restrict),
+        rt_priority: if cfg.placement.realtime {
+            crate::placement::VCPU_RT_PRIORITY as u32
+        } else {
+            0
+        },
+    }
+}
+
 /// Builds the VM described by `cfg` and runs it until the guest powers off, resets or fails.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     tracing::info!("creating the VM");
@@ -524,9 +543,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         .map_err(VmError::kvm("KVM_IRQFD"))?;
     let poweroff = EventFdTrigger::new().map_err(VmError::Device)?;
     let reset = EventFdTrigger::new().map_err(VmError::Device)?;
+    // No thread starts before the jail is entered: the consoles' writers wait in `writers`.
     let mut drains = Vec::new();
+    let mut writers = Vec::new();
     let console = ConsoleWriter::new(
-        serial_sink(&cfg.serial, "serial", &mut drains, &sandbox)?,
+        serial_sink(&cfg.serial, "serial", &mut drains, &mut writers, &sandbox)?,
         panic.clone(),
     )
     .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
@@ -560,11 +581,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             let input = tandem_virtio::ConsoleInput::new().map_err(VmError::Device)?;
             console_input = Some(input.clone());
             tandem_virtio::Console::with_input(
-                serial_sink(out, "console", &mut drains, &sandbox)?,
+                serial_sink(out, "console", &mut drains, &mut writers, &sandbox)?,
                 input,
             )
         } else {
-            tandem_virtio::Console::new(serial_sink(out, "console", &mut drains, &sandbox)?)
+            tandem_virtio::Console::new(serial_sink(
+                out,
+                "console",
+                &mut drains,
+                &mut writers,
+                &sandbox,
+            )?)
         };
         devices.push((Box::new(dev), "console".into()));
     }
@@ -623,6 +650,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
+    // Everything that needs privilege or the host's files is done: the jail, then threads.
+    if let Some(jail) = &cfg.jail {
+        tandem_sandbox::jail::enter(jail, jail_needs(cfg))?;
+        tracing::info!("jailed in {jail}");
+    }
+    for w in writers {
+        w.start().map_err(VmError::Device)?;
+    }
     let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
 
