@@ -1,11 +1,11 @@
 //! A full TCP table makes room: handshakes first, then the connection idle longest; never one
-//! that moves data.
+//! that moves data. A UDP forward full of clients in use keeps their gateway ports.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket, UdpPacket};
 
 use super::testutil::{arp_request, segment, ACK, SYN};
 use super::*;
@@ -345,4 +345,90 @@ fn a_burst_of_new_connections_closes_a_bounded_number_at_once() {
     );
     let accepted = new.iter().filter(|c| open(c)).count();
     assert_eq!(accepted, tcp::MAX_EVICTED_PENDING, "the rest are refused");
+}
+
+/// A network with one UDP forward to the guest's port 53; its host port.
+fn udp_forward() -> (UserNet, u16) {
+    let fwd = Forward {
+        proto: Protocol::Udp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest_port: 53,
+    };
+    let net = UserNet::new(&UserNetConfig {
+        forwards: vec![fwd],
+        ..UserNetConfig::default()
+    })
+    .unwrap();
+    let port = net.datagrams.forward_ports()[0].0;
+    (net, port)
+}
+
+/// `client` sends to the forward; the gateway port the guest sees it from, if it gets it.
+fn udp_via_forward(net: &mut UserNet, port: u16, client: &UdpSocket) -> Option<u16> {
+    client.send_to(b"ask", ("127.0.0.1", port)).unwrap();
+    let mut from = None;
+    for _ in 0..4 {
+        net.process();
+        while let Some(f) = net.recv() {
+            let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
+                continue;
+            };
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                continue;
+            };
+            if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {
+                if udp.dst_port() == 53 && udp.payload() == b"ask" {
+                    from = Some(udp.src_port());
+                }
+            }
+        }
+    }
+    from
+}
+
+/// The guest answers the forward's client behind gateway port `to`.
+fn udp_answer(net: &mut UserNet, to: u16) {
+    let src = SocketAddrV4::new(GUEST, 53);
+    let mut frame =
+        wire::udp_frame(GATEWAY_MAC, src, SocketAddrV4::new(GATEWAY, to), b"answer").unwrap();
+    frame[6..12].copy_from_slice(GUEST_MAC.as_bytes());
+    net.send(&frame);
+    net.flush();
+}
+
+/// What `client` received within a second.
+fn udp_received(client: &UdpSocket) -> Option<Vec<u8>> {
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut buf = [0; 64];
+    let (n, _) = client.recv_from(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+#[test]
+fn a_udp_forward_full_of_clients_in_use_keeps_their_replies_theirs() {
+    let (mut net, port) = udp_forward();
+    let mut clients = Vec::new();
+    for i in 0..64 {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = udp_via_forward(&mut net, port, &c).expect("reaches the guest");
+        clients.push((c, from));
+        if i < 2 {
+            net.datagrams.advance(Duration::from_secs(1));
+        }
+    }
+    // Every client was heard from just now: a new one gets no gateway port.
+    let newcomer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(udp_via_forward(&mut net, port, &newcomer), None);
+    // The guest's answer to the first client reaches it, not the newcomer.
+    udp_answer(&mut net, clients[0].1);
+    assert_eq!(udp_received(&clients[0].0).as_deref(), Some(&b"answer"[..]));
+    assert_eq!(udp_received(&newcomer), None);
+
+    // Once quiet long enough, the client quiet longest (not the one just answered) gives its
+    // gateway port up.
+    net.datagrams.advance(datagram::PEER_MIN_IDLE);
+    let from = udp_via_forward(&mut net, port, &newcomer);
+    assert_eq!(from, Some(clients[1].1));
 }
