@@ -22,6 +22,11 @@ const IDLE: Duration = Duration::from_secs(120);
 /// Client addresses remembered per UDP forward (fewer when there are more than
 /// [`PEER_PORTS`] / 64 UDP forwards).
 const MAX_PEERS: usize = 64;
+/// A UDP forward's client quiet (no datagram either way) this long may give its gateway port
+/// up to a new client when the forward remembers [`MAX_PEERS`]; until then new clients'
+/// datagrams are dropped, so that the guest's replies to a client in use never reach another
+/// one. Linux's conntrack forgets an unreplied UDP flow after as long.
+pub(super) const PEER_MIN_IDLE: Duration = Duration::from_secs(30);
 /// Gateway ports that stand for UDP-forward clients: from here to 65535, shared by the forwards.
 const PEER_PORT_BASE: u16 = 40000;
 /// How many such ports there are; also the most UDP forwards (one client each).
@@ -44,12 +49,12 @@ enum Slot {
     Forward {
         sock: UdpSocket,
         guest_port: u16,
-        peers: Vec<SocketAddr>,
+        /// Each client and when a datagram last went to or came from it.
+        peers: Vec<(SocketAddr, Instant)>,
         /// The gateway port of `peers[0]`.
         base: u16,
         /// Most clients remembered.
         cap: usize,
-        evict: usize,
     },
 }
 
@@ -72,6 +77,11 @@ pub struct Datagrams {
     policy: Policy,
     /// Receive buffer for host sockets.
     buf: Vec<u8>,
+    /// Datagrams of new UDP-forward clients dropped because every client was in use.
+    dropped: u64,
+    /// How far the tests moved the clock on.
+    #[cfg(test)]
+    skew: Duration,
 }
 
 fn token(index: usize) -> u64 {
@@ -90,7 +100,23 @@ impl Datagrams {
             peers_per_forward: (PEER_PORTS / udp_forwards.max(1)).clamp(1, MAX_PEERS),
             policy,
             buf: vec![0; 65536],
+            dropped: 0,
+            #[cfg(test)]
+            skew: Duration::ZERO,
         }
+    }
+
+    /// Moves the relays' clock on by `by` (so that a test need not wait).
+    #[cfg(test)]
+    pub fn advance(&mut self, by: Duration) {
+        self.skew += by;
+    }
+
+    fn now(&self) -> Instant {
+        #[cfg(test)]
+        return Instant::now() + self.skew;
+        #[cfg(not(test))]
+        Instant::now()
     }
 
     fn insert(&mut self, epoll: &Epoll, slot: Slot) -> io::Result<usize> {
@@ -136,7 +162,6 @@ impl Datagrams {
                 peers: Vec::new(),
                 base,
                 cap,
-                evict: 0,
             },
         )
         .map(|_| true)
@@ -156,7 +181,7 @@ impl Datagrams {
 
     /// Closes idle relays, and the least recently used one when `need_room` and all are taken.
     fn expire(&mut self, epoll: &Epoll, need_room: bool) {
-        let now = Instant::now();
+        let now = self.now();
         let mut relays = 0;
         let mut oldest: Option<(usize, Instant)> = None;
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -224,13 +249,14 @@ impl Datagrams {
         matches: impl Fn(&Slot) -> bool,
         create: impl FnOnce(&mut Self) -> Option<Slot>,
     ) -> Option<usize> {
+        let now = self.now();
         if let Some(i) = self
             .slots
             .iter()
             .position(|s| s.as_ref().is_some_and(&matches))
         {
             if let Some(Slot::Nat { last, .. } | Slot::Ping { last, .. }) = &mut self.slots[i] {
-                *last = Instant::now();
+                *last = now;
             }
             return Some(i);
         }
@@ -251,7 +277,8 @@ impl Datagrams {
     ) {
         // A reply to a UDP forward's client?
         if *dst.ip() == GATEWAY {
-            for slot in self.slots.iter().flatten() {
+            let now = self.now();
+            for slot in self.slots.iter_mut().flatten() {
                 if let Slot::Forward {
                     sock,
                     guest_port,
@@ -261,8 +288,11 @@ impl Datagrams {
                 } = slot
                 {
                     let i = dst.port().wrapping_sub(*base) as usize;
-                    if src.port() == *guest_port && i < peers.len() {
-                        let _ = sock.send_to(payload, peers[i]);
+                    if let Some((peer, last)) =
+                        peers.get_mut(i).filter(|_| src.port() == *guest_port)
+                    {
+                        *last = now;
+                        let _ = sock.send_to(payload, *peer);
                         return;
                     }
                 }
@@ -272,6 +302,7 @@ impl Datagrams {
             tracing::trace!("user network: UDP to {dst} dropped");
             return;
         };
+        let now = self.now();
         let relay = self.relay(
             epoll,
             |s| matches!(s, Slot::Nat { guest, .. } if *guest == src),
@@ -282,7 +313,7 @@ impl Datagrams {
                     Ok(sock) => Some(Slot::Nat {
                         guest: src,
                         sock,
-                        last: Instant::now(),
+                        last: now,
                     }),
                     Err(e) => {
                         tracing::warn!("user network: UDP socket: {e}");
@@ -307,6 +338,7 @@ impl Datagrams {
         let Some(target) = self.host_target(SocketAddrV4::new(dst, 0)) else {
             return;
         };
+        let now = self.now();
         let relay = self.relay(
             epoll,
             |s| matches!(s, Slot::Ping { ident: i, .. } if *i == ident),
@@ -331,7 +363,7 @@ impl Datagrams {
                     ident,
                     // SAFETY: fd is a fresh socket nobody else owns.
                     sock: unsafe { UdpSocket::from_raw_fd(fd) },
-                    last: Instant::now(),
+                    last: now,
                 })
             },
         );
@@ -347,7 +379,9 @@ impl Datagrams {
 
     /// Host socket `index` is readable.
     pub fn host_event(&mut self, index: usize, mac: EthernetAddress, dev: &mut Queues) {
+        let now = self.now();
         let buf = &mut self.buf;
+        let dropped = &mut self.dropped;
         let upstream = self.upstream;
         let view = |from: SocketAddr| guest_view(upstream, from);
         let Some(Some(slot)) = self.slots.get_mut(index) else {
@@ -388,25 +422,39 @@ impl Datagrams {
                     peers,
                     base,
                     cap,
-                    evict,
                 } => {
                     let Ok((n, from)) = sock.recv_from(buf) else {
                         break;
                     };
-                    let i = match peers.iter().position(|p| *p == from) {
+                    let quiet = |(_, (_, last)): &(usize, &(SocketAddr, Instant))| {
+                        now.saturating_duration_since(*last) >= PEER_MIN_IDLE
+                    };
+                    let i = match peers.iter().position(|(p, _)| *p == from) {
                         Some(i) => i,
                         None if peers.len() < *cap => {
-                            peers.push(from);
+                            peers.push((from, now));
                             peers.len() - 1
                         }
-                        None => {
-                            // Full: the oldest client's gateway port is reused.
-                            let i = *evict % *cap;
-                            *evict += 1;
-                            peers[i] = from;
-                            i
-                        }
+                        // Full: the gateway port of the client quiet longest is reused.
+                        None => match peers
+                            .iter()
+                            .enumerate()
+                            .filter(quiet)
+                            .min_by_key(|(_, p)| p.1)
+                        {
+                            Some((i, _)) => i,
+                            None => {
+                                *dropped += 1;
+                                if dropped.is_power_of_two() {
+                                    tracing::warn!(
+                                        "user network: a UDP forward has {cap} clients in use, dropping new clients' datagrams ({dropped} so far)"
+                                    );
+                                }
+                                continue;
+                            }
+                        },
                     };
+                    peers[i] = (from, now);
                     let src = SocketAddrV4::new(GATEWAY, *base + i as u16);
                     let dst = SocketAddrV4::new(GUEST, *guest_port);
                     if let Some(f) = udp_frame(mac, src, dst, &buf[..n]) {

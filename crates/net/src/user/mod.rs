@@ -11,8 +11,9 @@
 //! unprivileged ones (`net.ipv4.ping_group_range`). Forwards accept on a host port and open a
 //! connection to the guest's port from the gateway's address.
 //!
-//! Memory is bounded: at most [`MAX_TCP_FLOWS`] connections with fixed buffers, and fixed-size
-//! frame queues in both directions (a guest that floods loses frames, as on a wire).
+//! Memory is bounded: at most [`MAX_TCP_FLOWS`] connections with fixed buffers (a full table
+//! closes a stale connection to make room for a new one, or refuses it), and fixed-size frame
+//! queues in both directions (a guest that floods loses frames, as on a wire).
 
 mod datagram;
 mod phy;
@@ -52,21 +53,39 @@ pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 
 /// The MTU of the private network. The link to the guest is memory, not a wire: large frames
 /// mean fewer frames, exits and interrupts for the same bytes (passt does the same).
 pub const MTU: u16 = 65520;
-/// Most TCP connections at once; a guest SYN beyond it is refused with a reset.
+/// Most TCP connections at once. A new one beyond it closes the oldest still in its handshake
+/// after [`EVICT_MIN_HANDSHAKE`], else the one idle longest if idle at least
+/// [`EVICT_MIN_IDLE`]; when none qualifies it is refused (a guest SYN with a reset, a
+/// forwarded connection closed).
 pub const MAX_TCP_FLOWS: usize = 512;
 /// A TCP connection whose handshake (guest and host side) has not completed after this long is
 /// ended: a SYN never answered, a SYN then RST, a host that never answers.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An established TCP connection that moved no data this long is ended (passt's is the same).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+/// A TCP connection still in its handshake this long may be closed to make room when
+/// [`MAX_TCP_FLOWS`] are open: a handshake takes a round trip, a few seconds when a SYN is lost
+/// (Linux resends after 1 s and 3 s), so an older one is most likely a SYN never answered.
+/// Younger ones are kept, or a burst of new connections would close its own handshakes.
+pub const EVICT_MIN_HANDSHAKE: Duration = Duration::from_secs(5);
+/// An established TCP connection that moved no data this long may be closed to make room when
+/// [`MAX_TCP_FLOWS`] are open: far longer than the pauses of a connection in use (one that
+/// moves data does so every round trip), short enough that connections left open and silent
+/// cannot hold the table against new ones for long.
+pub const EVICT_MIN_IDLE: Duration = Duration::from_secs(60);
 
-/// How long TCP connections may wait; [`HANDSHAKE_TIMEOUT`] and [`IDLE_TIMEOUT`] by default.
+/// How long TCP connections may wait; [`HANDSHAKE_TIMEOUT`], [`IDLE_TIMEOUT`],
+/// [`EVICT_MIN_HANDSHAKE`] and [`EVICT_MIN_IDLE`] by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// For the handshake.
     pub handshake: Duration,
     /// Without data.
     pub idle: Duration,
+    /// In the handshake, before the connection may be closed to make room for a new one.
+    pub evict_handshake: Duration,
+    /// Without data, before the connection may be closed to make room for a new one.
+    pub evict_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -74,6 +93,8 @@ impl Default for Timeouts {
         Timeouts {
             handshake: HANDSHAKE_TIMEOUT,
             idle: IDLE_TIMEOUT,
+            evict_handshake: EVICT_MIN_HANDSHAKE,
+            evict_idle: EVICT_MIN_IDLE,
         }
     }
 }
@@ -411,5 +432,7 @@ impl NetBackend for UserNet {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_evict;
 #[cfg(test)]
 mod tests_timeouts;

@@ -14,6 +14,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::policy::Policy;
 use super::{Timeouts, GATEWAY, KIND_FLOW, MAX_TCP_FLOWS, TOKEN_KIND_SHIFT};
 
+/// Connections beyond [`MAX_TCP_FLOWS`] that have ended (closed to make room, finished) but not
+/// yet been reaped (the guest's reset goes out first); a burst of new ones past this is refused.
+pub(super) const MAX_EVICTED_PENDING: usize = 64;
+
 /// Buffer size of each direction of a relayed connection.
 const BUFFER: usize = 256 << 10;
 /// First local port of connections tandem opens to the guest.
@@ -52,8 +56,8 @@ impl Flow {
         host: TcpStream,
         connecting: bool,
         key: Option<(SocketAddrV4, SocketAddrV4)>,
+        now: Instant,
     ) -> Flow {
-        let now = Instant::now();
         Flow {
             handle,
             host,
@@ -101,8 +105,13 @@ pub struct Flows {
     timeouts: Timeouts,
     /// Host socket events handled (the tests count them).
     events: u64,
-    /// Forwarded connections closed because the table was full.
+    /// New connections refused because the table was full.
     refused: u64,
+    /// Connections closed to make room for new ones.
+    evicted: u64,
+    /// How far the tests moved the clock on.
+    #[cfg(test)]
+    skew: std::time::Duration,
 }
 
 fn token(index: usize) -> u64 {
@@ -188,6 +197,85 @@ impl Flows {
         self.events
     }
 
+    /// Moves the connections' clock on by `by` (so that a test need not wait).
+    #[cfg(test)]
+    pub fn advance(&mut self, by: std::time::Duration) {
+        self.skew += by;
+    }
+
+    fn now(&self) -> Instant {
+        #[cfg(test)]
+        return Instant::now() + self.skew;
+        #[cfg(not(test))]
+        Instant::now()
+    }
+
+    /// Connections closed to make room for new ones so far.
+    #[cfg(test)]
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Whether a new connection may open: there is room, or a connection was closed to make
+    /// some, as Linux's conntrack does when its table is full (`early_drop`): the oldest one
+    /// in its handshake for at least [`Timeouts::evict_handshake`], else the one idle longest
+    /// if idle at least [`Timeouts::evict_idle`]. A connection moving data is never closed.
+    /// When none qualifies the new one is refused, with a log line at the 1st, 2nd, 4th, ...
+    /// time.
+    fn make_room(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) -> bool {
+        if self.count < MAX_TCP_FLOWS {
+            return true;
+        }
+        let victim = if self.count >= MAX_TCP_FLOWS + MAX_EVICTED_PENDING {
+            None
+        } else {
+            let live = || {
+                let slots = self.slots.iter().enumerate();
+                slots.filter_map(|(i, s)| s.as_ref().filter(|f| f.dying.is_none()).map(|f| (i, f)))
+            };
+            if live().count() < MAX_TCP_FLOWS {
+                // Finished or closed connections take room until they are reaped.
+                return true;
+            }
+            let now = self.now();
+            let (min_handshake, min_idle) =
+                (self.timeouts.evict_handshake, self.timeouts.evict_idle);
+            live()
+                .filter(|(_, f)| {
+                    !f.established && now.saturating_duration_since(f.since) >= min_handshake
+                })
+                .min_by_key(|(_, f)| f.since)
+                .or_else(|| {
+                    live()
+                        .filter(|(_, f)| now.saturating_duration_since(f.last) >= min_idle)
+                        .min_by_key(|(_, f)| f.last)
+                })
+                .map(|(i, _)| i)
+        };
+        let Some(f) = victim.and_then(|i| self.slots[i].as_mut()) else {
+            self.refused += 1;
+            if self.refused.is_power_of_two() {
+                tracing::warn!(
+                    "user network: connection limit ({MAX_TCP_FLOWS}) reached, refusing new connections ({} so far)",
+                    self.refused
+                );
+            }
+            return false;
+        };
+        // The guest gets a reset; the host socket closes when the flow is reaped.
+        sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        f.dying = Some(1);
+        f.unwatch(epoll);
+        self.evicted += 1;
+        if self.evicted.is_power_of_two() {
+            tracing::info!(
+                "user network: connection limit ({MAX_TCP_FLOWS}) reached, closed an idle or half-open connection to make room ({} so far)",
+                self.evicted
+            );
+        }
+        true
+    }
+
     fn insert(&mut self, epoll: &Epoll, mut flow: Flow) -> Option<usize> {
         let index = match self.slots.iter().position(Option::is_none) {
             Some(i) => i,
@@ -222,14 +310,13 @@ impl Flows {
         if self.by_key.contains_key(&(src, dst)) {
             return; // A retransmitted SYN.
         }
-        if self.count >= MAX_TCP_FLOWS {
-            tracing::debug!("user network: connection limit reached, refusing {dst}");
-            return;
-        }
         let Some(target) = self.policy.host_target(dst) else {
             tracing::debug!("user network: connection to {dst} refused by the network's policy");
             return;
         };
+        if !self.make_room(sockets, epoll) {
+            return;
+        }
         let host = match connect_nonblocking(target) {
             Ok(s) => s,
             Err(e) => {
@@ -246,7 +333,7 @@ impl Flows {
             return;
         }
         let handle = sockets.add(sock);
-        let flow = Flow::new(handle, host, true, Some((src, dst)));
+        let flow = Flow::new(handle, host, true, Some((src, dst)), self.now());
         if self.insert(epoll, flow).is_none() {
             sockets.remove(handle);
         }
@@ -261,15 +348,7 @@ impl Flows {
         host: TcpStream,
         guest: SocketAddrV4,
     ) {
-        if self.count >= MAX_TCP_FLOWS {
-            // Anyone on the host can connect at will: say so at the 1st, 2nd, 4th, ... time.
-            self.refused += 1;
-            if self.refused.is_power_of_two() {
-                tracing::warn!(
-                    "user network: connection limit reached, closing forwarded connections ({} so far)",
-                    self.refused
-                );
-            }
+        if !self.make_room(sockets, epoll) {
             return;
         }
         if host.set_nonblocking(true).is_err() {
@@ -285,7 +364,7 @@ impl Flows {
             return;
         }
         let handle = sockets.add(sock);
-        let flow = Flow::new(handle, host, false, None);
+        let flow = Flow::new(handle, host, false, None, self.now());
         if self.insert(epoll, flow).is_none() {
             sockets.remove(handle);
         }
@@ -354,7 +433,7 @@ impl Flows {
     /// Moves data both ways on every connection; true when anything moved.
     pub fn relay(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) -> bool {
         let mut moved = false;
-        let mut now = None;
+        let now = self.now();
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(f) = slot else { continue };
             if f.dying.is_some() {
@@ -364,7 +443,7 @@ impl Flows {
             let sock = sockets.get_mut::<tcp::Socket>(f.handle);
             if relay_one(f, sock) {
                 moved = true;
-                f.last = *now.get_or_insert_with(Instant::now);
+                f.last = now;
             }
             if f.dying.is_some() || f.hung_up {
                 f.unwatch(epoll);
@@ -398,7 +477,7 @@ impl Flows {
 
     /// Drops finished connections, and ends those whose handshake or idle time ran out.
     pub fn reap(&mut self, sockets: &mut SocketSet<'static>, epoll: &Epoll) {
-        let now = Instant::now();
+        let now = self.now();
         for slot in self.slots.iter_mut() {
             let Some(f) = slot else { continue };
             let sock = sockets.get_mut::<tcp::Socket>(f.handle);

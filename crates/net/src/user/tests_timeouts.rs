@@ -27,6 +27,8 @@ fn expire_all(net: &mut UserNet) {
     net.flows.set_timeouts(Timeouts {
         handshake: Duration::ZERO,
         idle: Duration::ZERO,
+        evict_handshake: Duration::ZERO,
+        evict_idle: Duration::ZERO,
     });
 }
 
