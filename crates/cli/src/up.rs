@@ -22,6 +22,10 @@ pub struct UpArgs {
     /// DIR/supervisor.log); returns once every VM has started, or with the error that stopped it.
     #[arg(long)]
     detach: bool,
+    /// The seccomp filters of the supervisor's threads (control socket, output relays, process
+    /// waiters): enforce, log or off. Each VM has its own (the config's `seccomp` key).
+    #[arg(long, value_name = "enforce|log|off", default_value = "enforce")]
+    seccomp: tandem_sandbox::SeccompMode,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -152,6 +156,8 @@ fn detach(args: &UpArgs) -> ExitCode {
         .arg(&args.file)
         .arg("--state-dir")
         .arg(&state)
+        .arg("--seccomp")
+        .arg(args.seccomp.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(
             log.try_clone()
@@ -327,6 +333,7 @@ pub fn up(args: UpArgs) -> ExitCode {
         state_dir: state,
         vms,
         channels,
+        seccomp: args.seccomp,
     }
     .run();
     ExitCode::from(status.clamp(0, 255) as u8)

@@ -3,7 +3,7 @@
 //! as nobody in namespaces of its own (an empty network namespace: restricted user networking
 //! needs no new host socket) with every thread filtered and its realtime vCPU under SCHED_FIFO
 //! all the same; and `tandem up` as root jails its VMs
-//! by default, user networking that goes out included.
+//! by default, user networking that goes out included, with its own threads filtered.
 
 mod common;
 
@@ -108,6 +108,8 @@ vmpid=$(tandem ps --state-dir /tmp/st | awk '$1=="web" {{print $4}}')
 echo inside > /tmp/st/jail/web/marker
 record up-view inspect $(cat /proc/$vmpid/task/$vmpid/children)
 record up-forward wget -q -O- http://127.0.0.1:8081/hello
+record sup-threads sh -c "echo main $sup; for t in /proc/$sup/task/*; do echo thread \$(basename \$t) \$(grep '^Seccomp:' \$t/status | tr -d '\t '); done"
+
 record down tandem down --state-dir /tmp/st
 wait $sup
 record up-out cat /tmp/up.out
@@ -139,4 +141,24 @@ record up-out cat /tmp/up.out
     // Jailed as nobody, the VM still opens host sockets: the host's loopback port it may use.
     assert!(up.output.contains("host-answers"), "{}", up.output);
     assert_eq!(case(&cases, &all, "down").rc, 0, "{}", up.output);
+    // The supervisor: every thread but the main one (which starts VMs: a filter would pass to
+    // them) filtered, the control socket's and the relays' included.
+    let sup = case(&cases, &all, "sup-threads");
+    let threads: Vec<&str> = sup
+        .output
+        .lines()
+        .filter(|l| l.starts_with("thread "))
+        .collect();
+    assert!(threads.len() >= 5, "{}", sup.output);
+    let unfiltered: Vec<&&str> = threads
+        .iter()
+        .filter(|t| !t.ends_with("Seccomp:2"))
+        .collect();
+    assert_eq!(unfiltered.len(), 1, "{}", sup.output);
+    let main = field(&sup.output, "main ");
+    assert!(
+        unfiltered[0].starts_with(&format!("thread {main} ")),
+        "{}",
+        sup.output
+    );
 }

@@ -188,13 +188,21 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// A server that answers every request with ok.
+    /// A server that answers every request with ok, its thread filtered.
     fn server(name: &str, timeout: Duration) -> PathBuf {
         let path =
             std::env::temp_dir().join(format!("tandem-ctl-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
+            // Under its seccomp filter, as in `tandem up`: a syscall outside the control list
+            // ends the test process by SIGSYS (with the syscall's number on stderr).
+            let sandbox =
+                tandem_sandbox::Sandbox::prepare(tandem_sandbox::SandboxConfig::default());
+            sandbox
+                .unwrap()
+                .apply(tandem_sandbox::ThreadKind::Control)
+                .unwrap();
             serve(
                 listener,
                 |_| Response {

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 /// Longest line relayed as one: a longer one is split.
 pub const MAX_LINE: usize = 4096;
-/// A VM's log is rotated when it would grow past this: `NAME.log` moves to `NAME.log.1`
-/// (replacing the one before), so a VM's logs hold at most twice this.
+/// A VM's log is rotated when it would grow past this: `NAME.log`'s content moves to
+/// `NAME.log.1` (replacing the one before), so a VM's logs hold at most twice this.
 pub const LOG_LIMIT: u64 = 16 << 20;
 /// Lines waiting for the terminal; more are dropped and counted.
 pub const TERMINAL_QUEUE: usize = 1024;
@@ -21,36 +21,60 @@ pub const TERMINAL_QUEUE: usize = 1024;
 /// A log file with a size bound, kept by rotating it once.
 #[derive(Debug)]
 pub struct Log {
-    path: PathBuf,
     file: Option<File>,
+    /// `NAME.log.1`, opened with the log: rotating opens no file (the relay threads that
+    /// rotate logs run under a seccomp filter that allows no open).
+    old: Option<File>,
     written: u64,
     limit: u64,
 }
 
-fn open_log(path: &Path, truncate: bool) -> Option<File> {
-    std::fs::OpenOptions::new()
+/// Opens a log for appending, owner-only even if it existed with another mode.
+fn open_log(path: &Path) -> Option<File> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::OpenOptions::new()
         .create(true)
-        .append(!truncate)
-        .write(true)
-        .truncate(truncate)
+        .append(true)
+        .read(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .ok()
+        .ok()?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .ok()?;
+    Some(f)
+}
+
+/// Moves `from`'s content to `to` (replacing it) and empties `from`.
+fn rotate(from: &mut File, to: &mut File) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    to.set_len(0)?;
+    to.seek(SeekFrom::Start(0))?;
+    from.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n])?;
+    }
+    // Appending, the next write goes to offset 0.
+    from.set_len(0)
 }
 
 impl Log {
     /// Opens (appending to) the log at `path`, rotated at `limit` bytes. A log that cannot be
     /// opened is skipped: the VM runs on without one.
     pub fn open(path: &Path, limit: u64) -> Self {
-        let file = open_log(path, false);
+        let file = open_log(path);
         let written = file
             .as_ref()
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
         Log {
-            path: path.to_path_buf(),
             file,
+            old: open_log(&Self::rotated(path)),
             written,
             limit,
         }
@@ -67,9 +91,15 @@ impl Log {
     pub fn write_line(&mut self, line: &[u8]) {
         let len = line.len() as u64 + 1;
         if self.written > 0 && self.written + len > self.limit {
-            self.file = None;
-            let _ = std::fs::rename(&self.path, Self::rotated(&self.path));
-            self.file = open_log(&self.path, true);
+            match (self.file.as_mut(), self.old.as_mut()) {
+                (Some(f), Some(old)) => {
+                    // A log that cannot be rotated is dropped, not let grow.
+                    if rotate(f, old).is_err() {
+                        self.file = None;
+                    }
+                }
+                _ => self.file = None,
+            }
             self.written = 0;
         }
         if let Some(f) = self.file.as_mut() {

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tandem_sandbox::{Sandbox, SandboxConfig, SeccompMode, ThreadKind};
+
 use crate::config::Role;
 use crate::control::{Request, Response, VmStatus};
 use crate::output::{relay, Log, Terminal, LOG_LIMIT};
@@ -63,6 +65,20 @@ pub struct Supervisor {
     pub vms: Vec<VmPlan>,
     /// The channels' files (removed at the end).
     pub channels: Vec<ChannelPlan>,
+    /// The seccomp filters of the supervisor's own threads (control socket, relays, waiters);
+    /// the thread that starts VMs stays unfiltered, as a filter would pass to each VM.
+    pub seccomp: SeccompMode,
+}
+
+/// The filters of the supervisor's threads, compiled once by [`Supervisor::run`].
+static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+
+/// Installs `kind`'s filter on the calling thread (nothing before [`Supervisor::run`] set
+/// them up, as in unit tests of the parts).
+fn filter(kind: ThreadKind) {
+    if let Some(s) = SANDBOX.get() {
+        s.apply_or_exit(kind);
+    }
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads it starts), so
@@ -189,12 +205,14 @@ impl Supervisor {
             };
             let name = name.clone();
             readers.push(thread::spawn(move || {
+                filter(ThreadKind::Relay);
                 relay(stream, Some(&log), &name, is_err, terminal())
             }));
         }
         let generation = vm.generation;
         let tx = tx.clone();
         thread::spawn(move || {
+            filter(ThreadKind::Relay);
             if let Ok(status) = child.wait() {
                 for r in readers {
                     let _ = r.join();
@@ -289,6 +307,19 @@ impl Supervisor {
     /// the thread, not the process): this thread starts them all, so call this from the main
     /// thread, or one that lives as long as the supervisor.
     pub fn run(self) -> i32 {
+        let sandbox = Sandbox::prepare(SandboxConfig {
+            mode: self.seccomp,
+            test_violation: None,
+        });
+        match sandbox {
+            Ok(s) => {
+                let _ = SANDBOX.set(s);
+            }
+            Err(e) => {
+                eprintln!("tandem: {e}");
+                return 1;
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let socket = self.socket();
         let _ = std::fs::remove_file(&socket);
@@ -296,13 +327,19 @@ impl Supervisor {
             Ok(listener) => {
                 let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
                 let tx = tx.clone();
-                thread::spawn(move || serve(listener, tx));
+                thread::spawn(move || {
+                    filter(ThreadKind::Control);
+                    serve(listener, tx)
+                });
             }
             Err(e) => eprintln!("tandem: no control socket at {}: {e}", socket.display()),
         }
         {
             let tx = tx.clone();
-            thread::spawn(move || wait_signals(tx));
+            thread::spawn(move || {
+                filter(ThreadKind::Relay);
+                wait_signals(tx)
+            });
         }
         let mut vms: Vec<Vm> = self
             .vms

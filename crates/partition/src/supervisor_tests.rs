@@ -70,6 +70,7 @@ fn each_vm_process_holds_only_its_own_channels_doorbells() {
             sh_vm("b", LIST_FDS, b.clone()),
         ],
         channels: Vec::new(),
+        seccomp: SeccompMode::Enforce,
     }
     .run();
     assert_eq!(status, 0);
@@ -160,6 +161,7 @@ fn helper_supervisor() {
             state_dir: dir,
             vms,
             channels: Vec::new(),
+            seccomp: SeccompMode::Enforce,
         }
         .run();
         return;
@@ -174,6 +176,7 @@ fn helper_supervisor() {
         state_dir: dir,
         vms,
         channels: Vec::new(),
+        seccomp: SeccompMode::Enforce,
     }
     .run();
 }

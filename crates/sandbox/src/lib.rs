@@ -91,15 +91,23 @@ pub enum ThreadKind {
     Io,
     /// A console's output writer (`serial-out`, `console-out`).
     Output,
+    /// `tandem up`'s control socket: its listener and a thread per client.
+    Control,
+    /// `tandem up`'s other helper threads: the VMs' output relays and logs, the terminal
+    /// writer, the VM process waiters, the signal waiter. (Its main thread, which starts VM
+    /// processes, runs unfiltered: a filter would pass to every VM it executes.)
+    Relay,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Io,
         ThreadKind::Output,
+        ThreadKind::Control,
+        ThreadKind::Relay,
     ];
 
     fn code(self) -> u8 {
@@ -108,6 +116,8 @@ impl ThreadKind {
             ThreadKind::Vcpu => 2,
             ThreadKind::Io => 3,
             ThreadKind::Output => 4,
+            ThreadKind::Control => 5,
+            ThreadKind::Relay => 6,
         }
     }
 
@@ -115,13 +125,16 @@ impl ThreadKind {
         Self::ALL.into_iter().find(|k| k.code() == c)
     }
 
-    /// The name used in messages and on the command line (`vmm`, `vcpu`, `io`, `output`).
+    /// The name used in messages and on the command line (`vmm`, `vcpu`, `io`, `output`,
+    /// `control`, `relay`).
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Io => "io",
             ThreadKind::Output => "output",
+            ThreadKind::Control => "control",
+            ThreadKind::Relay => "relay",
         }
     }
 }
@@ -138,7 +151,7 @@ impl FromStr for ThreadKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("'{s}' is not vmm, vcpu, io or output"))
+            .ok_or_else(|| format!("'{s}' is not vmm, vcpu, io, output, control or relay"))
     }
 }
 
@@ -181,30 +194,37 @@ pub fn compile(kind: ThreadKind, mismatch: SeccompMode) -> Result<BpfProgram, Sa
     // The refused syscalls pass this filter: the kernel takes the stricter answer of the
     // stacked filters, and a trap here would beat the refusal's EACCES.
     let mut rules = rules::rules(kind)?;
-    rules.extend(rules::refused());
+    for (_, refused) in rules::refused(kind) {
+        rules.extend(refused);
+    }
     let filter = SeccompFilter::new(rules, action, SeccompAction::Allow, target_arch()?)?;
     Ok(filter.try_into()?)
 }
 
-/// The filter that makes [`rules::refused`] syscalls fail with EACCES (and allows the rest,
-/// which the thread's own filter, installed on top, decides: the kernel applies the stricter
-/// answer of the two).
-pub fn compile_refusals() -> Result<BpfProgram, SandboxError> {
-    let filter = SeccompFilter::new(
-        rules::refused(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        target_arch()?,
-    )?;
-    Ok(filter.try_into()?)
+/// The filters that make `kind`'s [`rules::refused`] syscalls fail with their errno (and allow
+/// the rest, which the thread's own filter, installed on top, decides: the kernel applies the
+/// stricter answer of the two).
+pub fn compile_refusals(kind: ThreadKind) -> Result<Vec<BpfProgram>, SandboxError> {
+    rules::refused(kind)
+        .into_iter()
+        .map(|(errno, refused)| {
+            let filter = SeccompFilter::new(
+                refused,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                target_arch()?,
+            )?;
+            Ok(filter.try_into()?)
+        })
+        .collect()
 }
 
 /// The filters of one VM, compiled before any thread starts.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     config: SandboxConfig,
-    refusals: BpfProgram,
-    programs: Vec<(ThreadKind, BpfProgram)>,
+    /// Per kind: its refusals, then its allow-list, installed in that order.
+    programs: Vec<(ThreadKind, Vec<BpfProgram>)>,
 }
 
 thread_local! {
@@ -216,22 +236,18 @@ impl Sandbox {
     /// Compiles every filter and, when enforcing, installs the process's SIGSYS handler.
     pub fn prepare(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let mut programs = Vec::new();
-        let mut refusals = Vec::new();
         if config.mode != SeccompMode::Off {
             probe::seccomp().map_err(SandboxError::Unavailable)?;
-            refusals = compile_refusals()?;
             for kind in ThreadKind::ALL {
-                programs.push((kind, compile(kind, config.mode)?));
+                let mut p = compile_refusals(kind)?;
+                p.push(compile(kind, config.mode)?);
+                programs.push((kind, p));
             }
         }
         if config.mode == SeccompMode::Enforce {
             report::install_handler().map_err(SandboxError::Handler)?;
         }
-        Ok(Sandbox {
-            config,
-            refusals,
-            programs,
-        })
+        Ok(Sandbox { config, programs })
     }
 
     /// The mode.
@@ -243,10 +259,10 @@ impl Sandbox {
     /// Call it once the thread's privileged setup is done. Does nothing with
     /// [`SeccompMode::Off`].
     pub fn apply(&self, kind: ThreadKind) -> Result<(), SandboxError> {
-        let Some((_, program)) = self.programs.iter().find(|(k, _)| *k == kind) else {
+        let Some((_, programs)) = self.programs.iter().find(|(k, _)| *k == kind) else {
             return Ok(());
         };
-        for p in [&self.refusals, program] {
+        for p in programs {
             seccompiler::apply_filter(p)
                 .map_err(|source| SandboxError::Install { kind, source })?;
         }

@@ -53,7 +53,7 @@ pub(crate) fn format_report(buf: &mut [u8], kind: Option<ThreadKind>, syscall: i
     push(
         buf,
         &mut len,
-        kind.map_or("unfiltered", ThreadKind::name).as_bytes(),
+        kind.map_or("unnamed", ThreadKind::name).as_bytes(),
     );
     push(buf, &mut len, b" thread made system call ");
     push_num(buf, &mut len, syscall as u64);

@@ -218,13 +218,78 @@ fn output() -> Result<Rules, SandboxError> {
     Ok(r)
 }
 
-/// Syscalls that fail with EACCES instead of ending the process, in every thread: glibc's
-/// `free()` reads `/proc/sys/vm/overcommit_memory` once when it first shrinks a thread's heap,
-/// and takes a failed open as "no". No file is opened either way.
-pub(crate) fn refused() -> Rules {
+/// Starting threads, for the supervisor's threads that do (a control client's thread, the
+/// terminal writer): `clone` with `CLONE_THREAD` only, never a process; `clone3`, whose flags a
+/// filter cannot read, is refused with ENOSYS (see [`refused`]) and glibc falls back to `clone`.
+fn threads(r: &mut Rules) -> Result<(), SandboxError> {
+    let thread = libc::CLONE_THREAD as u64;
+    r.insert(
+        libc::SYS_clone,
+        vec![rule(vec![masked(0, thread, thread)?])?],
+    );
+    // A new thread's robust futex list and restartable sequences (glibc's thread start).
+    r.insert(libc::SYS_set_robust_list, vec![]);
+    // Rust's std sizes a new thread's stack guard from the CPU set it may run on.
+    r.insert(libc::SYS_sched_getaffinity, vec![]);
+    // The same: its own thread ID, for that query.
+    r.insert(libc::SYS_gettid, vec![]);
+    r.insert(libc::SYS_rseq, vec![]);
+    Ok(())
+}
+
+/// `tandem up`'s control socket: the listener accepts a client and starts its thread, which
+/// reads one request line (with timeouts), hands it to the supervising loop and writes the
+/// answer. It opens nothing and starts no process.
+fn control() -> Result<Rules, SandboxError> {
     let mut r = Rules::new();
-    r.insert(libc::SYS_openat, vec![]);
-    r
+    common(&mut r)?;
+    threads(&mut r)?;
+    r.insert(libc::SYS_accept4, vec![]);
+    // std's socket reads and writes are recv and send (MSG_NOSIGNAL).
+    r.insert(libc::SYS_recvfrom, vec![]);
+    r.insert(libc::SYS_sendto, vec![]);
+    // Read and write timeouts (SO_RCVTIMEO, SO_SNDTIMEO).
+    r.insert(libc::SYS_setsockopt, vec![]);
+    // A refused client is answered without waiting for it (set_nonblocking is FIONBIO).
+    r.insert(libc::SYS_ioctl, one_of(1, &[libc::FIONBIO])?);
+    // The pause after a failed accept (glibc's nanosleep is clock_nanosleep).
+    r.insert(libc::SYS_clock_nanosleep, vec![]);
+    Ok(r)
+}
+
+/// `tandem up`'s relays (a VM's output into its log, rotated in place, and to the terminal
+/// queue), the terminal writer, the waiter of each VM process and the signal waiter.
+fn relay() -> Result<Rules, SandboxError> {
+    let mut r = Rules::new();
+    common(&mut r)?;
+    threads(&mut r)?;
+    // Log rotation: the log's content copied to NAME.log.1 (both open already), then emptied.
+    r.insert(libc::SYS_lseek, vec![]);
+    r.insert(libc::SYS_ftruncate, vec![]);
+    // The terminal writer checks once whether stdout is a file (`up --detach`): glibc's fstat
+    // is newfstatat(fd, "", AT_EMPTY_PATH).
+    r.insert(libc::SYS_newfstatat, vec![]);
+    // A VM process's end (std's Child::wait).
+    r.insert(libc::SYS_wait4, vec![]);
+    // SIGINT/SIGTERM/SIGHUP, blocked everywhere, taken by sigwait.
+    r.insert(libc::SYS_rt_sigtimedwait, vec![]);
+    Ok(r)
+}
+
+/// Syscalls that fail with an errno instead of ending the process, per kind. In every thread of
+/// `tandem run`: `openat`, EACCES (glibc's `free()` reads `/proc/sys/vm/overcommit_memory` once
+/// when it first shrinks a thread's heap, and takes a failed open as "no"; no file is opened
+/// either way). In the supervisor's threads that start threads: `clone3`, ENOSYS.
+pub(crate) fn refused(kind: ThreadKind) -> Vec<(i32, Rules)> {
+    let mut open = Rules::new();
+    open.insert(libc::SYS_openat, vec![]);
+    let mut out = vec![(libc::EACCES, open)];
+    if matches!(kind, ThreadKind::Control | ThreadKind::Relay) {
+        let mut clone3 = Rules::new();
+        clone3.insert(libc::SYS_clone3, vec![]);
+        out.push((libc::ENOSYS, clone3));
+    }
+    out
 }
 
 /// The allow-list of `kind`.
@@ -234,5 +299,7 @@ pub(crate) fn rules(kind: ThreadKind) -> Result<Rules, SandboxError> {
         ThreadKind::Vcpu => vcpu(),
         ThreadKind::Io => io_thread(),
         ThreadKind::Output => output(),
+        ThreadKind::Control => control(),
+        ThreadKind::Relay => relay(),
     }
 }

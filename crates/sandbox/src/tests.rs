@@ -4,6 +4,8 @@ use super::*;
 /// below them (the I/O thread does what Firecracker's vmm thread does).
 const FIRECRACKER_VMM: usize = 50;
 const FIRECRACKER_VCPU: usize = 27;
+/// Firecracker's API server thread, the peer of `tandem up`'s control socket.
+const FIRECRACKER_API: usize = 31;
 
 #[test]
 fn every_filter_compiles_for_this_host_in_both_modes() {
@@ -26,16 +28,29 @@ fn the_lists_stay_at_or_below_firecrackers() {
     assert!(vmm <= FIRECRACKER_VMM, "vmm thread: {vmm} syscalls");
     assert!(io <= FIRECRACKER_VMM, "I/O thread: {io} syscalls");
     assert!(vcpu <= FIRECRACKER_VCPU, "vCPU thread: {vcpu} syscalls");
+    let control = syscall_count(ThreadKind::Control).unwrap();
+    let relay = syscall_count(ThreadKind::Relay).unwrap();
+    assert!(
+        control <= FIRECRACKER_API,
+        "control thread: {control} syscalls"
+    );
+    assert!(relay <= FIRECRACKER_API, "relay thread: {relay} syscalls");
+    for kind in ThreadKind::ALL {
+        println!("{kind}: {} syscalls", syscall_count(kind).unwrap());
+    }
 }
 
 #[test]
 fn no_thread_may_create_processes_or_open_files() {
     for kind in ThreadKind::ALL {
         let list = syscalls(kind).unwrap();
+        // The supervisor's threads may start threads: `clone` with CLONE_THREAD only (see
+        // `supervisor_threads_start_threads_but_no_process`).
+        let starts_threads = matches!(kind, ThreadKind::Control | ThreadKind::Relay);
+        assert_eq!(list.contains(&libc::SYS_clone), starts_threads, "{kind}");
         for forbidden in [
             libc::SYS_execve,
             libc::SYS_execveat,
-            libc::SYS_clone,
             libc::SYS_clone3,
             #[cfg(target_arch = "x86_64")]
             libc::SYS_fork,
@@ -159,6 +174,45 @@ fn a_filtered_thread_keeps_working_and_dies_by_sigsys_on_a_forbidden_call() {
         0
     });
     assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+}
+
+#[test]
+fn supervisor_threads_start_threads_but_no_process() {
+    let sandbox = Sandbox::prepare(SandboxConfig::default()).unwrap();
+    for kind in [ThreadKind::Control, ThreadKind::Relay] {
+        // A thread (glibc tries clone3, gets ENOSYS, falls back to clone with CLONE_THREAD).
+        let status = in_child(|| {
+            sandbox.apply(kind).unwrap();
+            std::thread::spawn(|| 21).join().unwrap() * 2
+        });
+        assert_eq!(
+            (libc::WIFEXITED(status), libc::WEXITSTATUS(status)),
+            (true, 42),
+            "{kind}: status {status:#x}"
+        );
+        // A process: clone without CLONE_THREAD.
+        let status = in_child(|| {
+            sandbox.apply(kind).unwrap();
+            // SAFETY: fork; a child, if one were made, exits at once.
+            if unsafe { libc::fork() } == 0 {
+                unsafe { libc::_exit(0) };
+            }
+            0
+        });
+        assert!(libc::WIFSIGNALED(status), "{kind}: status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "{kind}");
+        // No file is opened.
+        let status = in_child(|| {
+            sandbox.apply(kind).unwrap();
+            let r = std::fs::File::open("/etc/hostname");
+            i32::from(r.err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES))
+        });
+        assert_eq!(
+            (libc::WIFEXITED(status), libc::WEXITSTATUS(status)),
+            (true, 1),
+            "{kind}"
+        );
+    }
 }
 
 #[test]
