@@ -124,6 +124,13 @@ fn sandbox_lines() {
         },
     );
     line(
+        "jail",
+        &match probe::jail() {
+            Ok(()) => "yes (tandem run --jail; tandem up jails its VMs)".into(),
+            Err(e) => format!("no ({e})"),
+        },
+    );
+    line(
         "Landlock",
         &match probe::landlock() {
             Ok(abi) => format!("yes (ABI {abi})"),

@@ -40,7 +40,7 @@ fn doctor_reports_seccomp_namespaces_and_landlock() {
     if !text.contains("KVM API version") {
         return; // no usable /dev/kvm here: doctor stops before (checked above).
     }
-    for what in ["seccomp filters", "user namespaces", "Landlock"] {
+    for what in ["seccomp filters", "user namespaces", "jail", "Landlock"] {
         let l = text
             .lines()
             .find(|l| l.trim_start().starts_with(what))

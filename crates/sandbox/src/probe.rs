@@ -61,20 +61,51 @@ pub fn landlock() -> Result<i64, io::Error> {
 /// Whether a new user namespace can be created: tried in a short-lived child, so this
 /// process's namespaces stay as they are.
 pub fn user_namespaces() -> Result<(), io::Error> {
-    // SAFETY: the child only calls unshare and _exit.
+    in_child(|| {
+        // SAFETY: unshare with a valid flag.
+        unsafe { libc::unshare(libc::CLONE_NEWUSER) == 0 }
+    })
+}
+
+/// Whether `tandem run --jail` can work here: root, the namespaces it creates, and
+/// `open_tree` (Linux 5.2), tried in a short-lived child.
+pub fn jail() -> Result<(), io::Error> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "needs root",
+        ));
+    }
+    in_child(|| {
+        let flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWNET;
+        let root = c"/";
+        // SAFETY: unshare with valid flags; open_tree of "/" returns a descriptor (or an
+        // error), which the child's exit closes.
+        unsafe {
+            libc::unshare(flags) == 0
+                && libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, root.as_ptr(), 1u32) >= 0
+        }
+    })
+}
+
+/// Runs `probe` in a forked child; its errno when it returns false.
+fn in_child(probe: impl FnOnce() -> bool) -> Result<(), io::Error> {
+    // SAFETY: the child only runs `probe` (system calls) and _exits.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            // SAFETY: unshare with a valid flag; _exit ends the child.
-            unsafe {
-                let rc = libc::unshare(libc::CLONE_NEWUSER);
-                let code = if rc == 0 {
-                    0
-                } else {
-                    *libc::__errno_location()
-                };
-                libc::_exit(code.clamp(0, 255))
-            }
+            let code = if probe() {
+                0
+            } else {
+                io::Error::last_os_error().raw_os_error().unwrap_or(1)
+            };
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(code.clamp(0, 255)) }
         }
         pid => {
             let mut status = 0;
