@@ -79,9 +79,8 @@ pub struct Datagrams {
     buf: Vec<u8>,
     /// Datagrams of new UDP-forward clients dropped because every client was in use.
     dropped: u64,
-    /// How far the tests moved the clock on.
-    #[cfg(test)]
-    skew: Duration,
+    /// What idleness is judged by.
+    clock: super::clock::Clock,
 }
 
 fn token(index: usize) -> u64 {
@@ -101,22 +100,18 @@ impl Datagrams {
             policy,
             buf: vec![0; 65536],
             dropped: 0,
-            #[cfg(test)]
-            skew: Duration::ZERO,
+            clock: super::clock::Clock::default(),
         }
     }
 
     /// Moves the relays' clock on by `by` (so that a test need not wait).
     #[cfg(test)]
     pub fn advance(&mut self, by: Duration) {
-        self.skew += by;
+        self.clock.advance(by);
     }
 
     fn now(&self) -> Instant {
-        #[cfg(test)]
-        return Instant::now() + self.skew;
-        #[cfg(not(test))]
-        Instant::now()
+        self.clock.now()
     }
 
     fn insert(&mut self, epoll: &Epoll, slot: Slot) -> io::Result<usize> {

@@ -15,6 +15,7 @@
 //! closes a stale connection to make room for a new one, or refuses it), and fixed-size frame
 //! queues in both directions (a guest that floods loses frames, as on a wire).
 
+mod clock;
 mod datagram;
 mod phy;
 pub mod policy;

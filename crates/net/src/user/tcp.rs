@@ -109,9 +109,8 @@ pub struct Flows {
     refused: u64,
     /// Connections closed to make room for new ones.
     evicted: u64,
-    /// How far the tests moved the clock on.
-    #[cfg(test)]
-    skew: std::time::Duration,
+    /// What idleness is judged by.
+    clock: super::clock::Clock,
 }
 
 fn token(index: usize) -> u64 {
@@ -200,14 +199,11 @@ impl Flows {
     /// Moves the connections' clock on by `by` (so that a test need not wait).
     #[cfg(test)]
     pub fn advance(&mut self, by: std::time::Duration) {
-        self.skew += by;
+        self.clock.advance(by);
     }
 
     fn now(&self) -> Instant {
-        #[cfg(test)]
-        return Instant::now() + self.skew;
-        #[cfg(not(test))]
-        Instant::now()
+        self.clock.now()
     }
 
     /// Connections closed to make room for new ones so far.
