@@ -94,8 +94,9 @@ pub fn platform_pio(data: &[u8]) {
 /// index, write registers (queue size after activation, status, reset), write request bytes and
 /// notify. The device is virtio-blk over an in-memory disk when `data[0]` is even, else
 /// virtio-rng or (`data[0] & 3 == 3`) virtio-console with host input waiting on its receive
-/// queue. Covers virtio-queue's chain walking, the MMIO transport, the blk request parser and the
-/// console's receive path.
+/// queue. Covers virtio-queue's chain walking, the MMIO transport (device configuration
+/// included), the blk request parser (its fast path too) and the console's receive and transmit
+/// paths.
 pub fn virtio_queue(data: &[u8]) {
     use tandem_virtio::testing::{Driver, DATA_BASE};
     let Some((&first, mut rest)) = data.split_first() else {
@@ -129,24 +130,39 @@ pub fn virtio_queue(data: &[u8]) {
         let (op, next) = rest.split_at(16);
         rest = next;
         let word = |i: usize| u32::from_le_bytes([op[i], op[i + 1], op[i + 2], op[i + 3]]);
-        let addr = if op[2] & 1 == 0 {
-            DATA_BASE + u64::from(word(3) % (1 << 20))
+        // The console's transmit queue (1) when the input says so; the other devices have one.
+        let q = usize::from(console && op[13] & 1 == 1);
+        // Buffers at the 16-byte slots that op 6 fills (so a request header is easy to place),
+        // anywhere in the data area, or anywhere at all.
+        let addr = match op[2] & 5 {
+            0 => DATA_BASE + u64::from(op[3]) * 16,
+            4 => DATA_BASE + u64::from(word(3) % (1 << 20)),
+            _ => u64::from(word(3)) << ((op[2] >> 1) & 31),
+        };
+        // Small lengths (a 16-byte header, a 1-byte status) half the time.
+        let len = if op[2] & 2 == 0 {
+            word(7) % (1 << 18)
         } else {
-            u64::from(word(3)) << ((op[2] >> 1) & 31)
+            u32::from(op[7])
         };
         match op[0] % 8 {
             0 | 1 => d.put_desc(
-                0,
+                q,
                 u16::from(op[1]) % (size * 2),
                 addr,
-                word(7) % (1 << 18),
+                len,
                 u16::from(op[11]) & 7,
                 u16::from(op[12]) % (size * 2),
             ),
-            2 => d.offer(0, u16::from(op[1]) % (size * 2)),
-            3 => d.notify(0),
-            4 => d.write(u64::from(op[1] & 0x3f) * 4, word(4)),
-            5 => d.set_avail_idx(0, u16::from_le_bytes([op[1], op[2]])),
+            2 => d.offer(q, u16::from(op[1]) % (size * 2)),
+            3 => d.notify(q),
+            4 if op[1] & 0x40 == 0 => d.write(u64::from(op[1] & 0x3f) * 4, word(4)),
+            4 => {
+                // Device configuration space, any width.
+                let n = [1usize, 2, 4, 8][usize::from(op[2] & 3)];
+                d.t.write(0x100 + u64::from(op[1] & 0x3f), &op[4..4 + n]);
+            }
+            5 => d.set_avail_idx(q, u16::from_le_bytes([op[1], op[2]])),
             6 => {
                 let _ = vm_memory::Bytes::write_slice(
                     &d.mem,
@@ -160,6 +176,9 @@ pub fn virtio_queue(data: &[u8]) {
             }
         }
         d.take_used(0);
+        if console {
+            d.take_used(1);
+        }
     }
 }
 
