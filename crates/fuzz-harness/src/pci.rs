@@ -104,7 +104,12 @@ pub fn virtio_pci(data: &[u8]) {
                 d.read_bar(u64::from(word(2)) % 0x9000, &mut b[..len]);
             }
             3 => {
-                let _ = mem.write_slice(&op[4..], GuestAddress(u64::from(word(0) >> 8) % MEM_SIZE));
+                let at = if op[1] & 1 == 0 {
+                    DATA_BASE + u64::from(op[2]) * 16
+                } else {
+                    u64::from(word(0) >> 8) % MEM_SIZE
+                };
+                let _ = mem.write_slice(&op[4..], GuestAddress(at));
             }
             4 => {
                 if op[2] & 1 == 0 {
@@ -123,14 +128,22 @@ pub fn virtio_pci(data: &[u8]) {
             6 => {
                 // A descriptor of queue q: anywhere, any length, flags and next.
                 let size = queues[q].size;
-                let addr = if op[2] & 1 == 0 {
-                    DATA_BASE + u64::from(word(3)) % (MEM_SIZE - DATA_BASE)
+                // At the 16-byte slots that op 3 can fill (so a request header is easy to
+                // place), anywhere in the data area, or anywhere at all.
+                let addr = match op[2] & 5 {
+                    0 => DATA_BASE + u64::from(op[3]) * 16,
+                    4 => DATA_BASE + u64::from(word(3)) % (MEM_SIZE - DATA_BASE),
+                    _ => u64::from(word(3)) << ((op[2] >> 1) & 31),
+                };
+                // Small lengths (a 16-byte header, a 1-byte status) half the time.
+                let len = if op[2] & 2 == 0 {
+                    word(7) % (1 << 18)
                 } else {
-                    u64::from(word(3)) << ((op[2] >> 1) & 31)
+                    u32::from(op[7])
                 };
                 let mut desc = [0u8; 16];
                 desc[..8].copy_from_slice(&addr.to_le_bytes());
-                desc[8..12].copy_from_slice(&(word(7) % (1 << 18)).to_le_bytes());
+                desc[8..12].copy_from_slice(&len.to_le_bytes());
                 desc[12..14].copy_from_slice(&(u16::from(op[11]) & 7).to_le_bytes());
                 desc[14..16].copy_from_slice(&(u16::from(op[12]) % (size * 2)).to_le_bytes());
                 let at = ring_base(q) + 16 * (u64::from(op[13]) % u64::from(size));
