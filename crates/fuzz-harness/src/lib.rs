@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 mod net;
+mod pci;
 
 use std::io;
 use std::sync::Mutex;
@@ -20,6 +21,7 @@ use tandem_vmm::exit::{handle_exit, IoBus};
 use tandem_vmm::hypervisor::VmExit;
 
 pub use net::net_frames;
+pub use pci::virtio_pci;
 
 /// The guest's console output: bytes into the panic-detecting console writer.
 pub fn console(data: &[u8]) {
@@ -92,8 +94,9 @@ pub fn platform_pio(data: &[u8]) {
 /// index, write registers (queue size after activation, status, reset), write request bytes and
 /// notify. The device is virtio-blk over an in-memory disk when `data[0]` is even, else
 /// virtio-rng or (`data[0] & 3 == 3`) virtio-console with host input waiting on its receive
-/// queue. Covers virtio-queue's chain walking, the MMIO transport, the blk request parser and the
-/// console's receive path.
+/// queue. Covers virtio-queue's chain walking, the MMIO transport (device configuration
+/// included), the blk request parser (its fast path too) and the console's receive and transmit
+/// paths.
 pub fn virtio_queue(data: &[u8]) {
     use tandem_virtio::testing::{Driver, DATA_BASE};
     let Some((&first, mut rest)) = data.split_first() else {
@@ -127,24 +130,39 @@ pub fn virtio_queue(data: &[u8]) {
         let (op, next) = rest.split_at(16);
         rest = next;
         let word = |i: usize| u32::from_le_bytes([op[i], op[i + 1], op[i + 2], op[i + 3]]);
-        let addr = if op[2] & 1 == 0 {
-            DATA_BASE + u64::from(word(3) % (1 << 20))
+        // The console's transmit queue (1) when the input says so; the other devices have one.
+        let q = usize::from(console && op[13] & 1 == 1);
+        // Buffers at the 16-byte slots that op 6 fills (so a request header is easy to place),
+        // anywhere in the data area, or anywhere at all.
+        let addr = match op[2] & 5 {
+            0 => DATA_BASE + u64::from(op[3]) * 16,
+            4 => DATA_BASE + u64::from(word(3) % (1 << 20)),
+            _ => u64::from(word(3)) << ((op[2] >> 1) & 31),
+        };
+        // Small lengths (a 16-byte header, a 1-byte status) half the time.
+        let len = if op[2] & 2 == 0 {
+            word(7) % (1 << 18)
         } else {
-            u64::from(word(3)) << ((op[2] >> 1) & 31)
+            u32::from(op[7])
         };
         match op[0] % 8 {
             0 | 1 => d.put_desc(
-                0,
+                q,
                 u16::from(op[1]) % (size * 2),
                 addr,
-                word(7) % (1 << 18),
+                len,
                 u16::from(op[11]) & 7,
                 u16::from(op[12]) % (size * 2),
             ),
-            2 => d.offer(0, u16::from(op[1]) % (size * 2)),
-            3 => d.notify(0),
-            4 => d.write(u64::from(op[1] & 0x3f) * 4, word(4)),
-            5 => d.set_avail_idx(0, u16::from_le_bytes([op[1], op[2]])),
+            2 => d.offer(q, u16::from(op[1]) % (size * 2)),
+            3 => d.notify(q),
+            4 if op[1] & 0x40 == 0 => d.write(u64::from(op[1] & 0x3f) * 4, word(4)),
+            4 => {
+                // Device configuration space, any width.
+                let n = [1usize, 2, 4, 8][usize::from(op[2] & 3)];
+                d.t.write(0x100 + u64::from(op[1] & 0x3f), &op[4..4 + n]);
+            }
+            5 => d.set_avail_idx(q, u16::from_le_bytes([op[1], op[2]])),
             6 => {
                 let _ = vm_memory::Bytes::write_slice(
                     &d.mem,
@@ -158,11 +176,14 @@ pub fn virtio_queue(data: &[u8]) {
             }
         }
         d.take_used(0);
+        if console {
+            d.take_used(1);
+        }
     }
 }
 
 /// virtio-blk over a 16 KiB in-memory disk, as the fuzz targets drive it.
-fn mem_disk(readonly: bool) -> Box<dyn tandem_virtio::VirtioDevice> {
+pub(crate) fn mem_disk(readonly: bool) -> Box<dyn tandem_virtio::VirtioDevice> {
     use tandem_virtio::blk::{Block, BlockConfig, CacheMode, MemDisk};
     let cfg = BlockConfig {
         path: "fuzz".into(),
@@ -174,95 +195,6 @@ fn mem_disk(readonly: bool) -> Box<dyn tandem_virtio::VirtioDevice> {
         Box::new(MemDisk(vec![0; 32 * 512])),
         &cfg,
     ))
-}
-
-/// A hostile driver against the virtio-pci transport and the PCI root: `data` is a sequence of
-/// 16-byte operations on configuration space (through ports 0xcf8/0xcfc, MSI-X control
-/// included), BAR0 (common configuration, ISR, device configuration, doorbells, MSI-X table and
-/// PBA) and guest memory (rings), with queue notifications served in between. The device is
-/// virtio-blk over an in-memory disk, or virtio-rng when `data[0]` is odd.
-pub fn virtio_pci(data: &[u8]) {
-    use std::sync::{Arc, Mutex};
-    use tandem_pci::msix::{MsiMessage, MsiRouter, Vector};
-    use tandem_pci::PciRoot;
-    use tandem_virtio::VirtioPci;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    struct NoRoutes;
-    impl MsiRouter for NoRoutes {
-        fn route(&self, _gsi: u32, _msg: MsiMessage) -> Result<(), String> {
-            Ok(())
-        }
-    }
-    let Some((&first, mut rest)) = data.split_first() else {
-        return;
-    };
-    let device: Box<dyn tandem_virtio::VirtioDevice> = if first & 1 == 0 {
-        mem_disk(first & 2 != 0)
-    } else {
-        Box::new(tandem_virtio::Rng::new())
-    };
-    let mem = tandem_virtio::Mem::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
-        .expect("guest memory");
-    let vectors = (0..VirtioPci::vectors_needed(device.as_ref()))
-        .map(|i| Vector::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"), 24 + i as u32))
-        .collect();
-    let Ok(dev) = VirtioPci::new(
-        device,
-        mem.clone(),
-        0xe000_0000,
-        vectors,
-        Arc::new(NoRoutes),
-        "fuzz",
-    ) else {
-        return;
-    };
-    let dev = Arc::new(Mutex::new(dev));
-    let mut root = PciRoot::new();
-    if root.plug(dev.clone()).is_err() {
-        return;
-    }
-    while rest.len() >= 16 {
-        let (op, next) = rest.split_at(16);
-        rest = next;
-        let word = |i: usize| u32::from_le_bytes([op[i], op[i + 1], op[i + 2], op[i + 3]]);
-        let len = [1usize, 2, 4, 8][usize::from(op[1] & 3)];
-        let Ok(mut d) = dev.lock() else {
-            return;
-        };
-        match op[0] % 6 {
-            0 => {
-                drop(d);
-                // Select bus 0, slot 1 (or anything else), a register, then access the data port.
-                root.write(0, &word(2).to_le_bytes());
-                let port = 4 + u64::from(op[6] & 3);
-                let n = len.min(4);
-                if op[7] & 1 == 0 {
-                    root.write(port, &word(8).to_le_bytes()[..n]);
-                } else {
-                    let mut b = [0u8; 4];
-                    root.read(port, &mut b[..n]);
-                }
-            }
-            1 => d.write_bar(u64::from(word(2)) % 0x9000, &op[8..8 + len]),
-            2 => {
-                let mut b = [0u8; 8];
-                d.read_bar(u64::from(word(2)) % 0x9000, &mut b[..len]);
-            }
-            3 => {
-                let _ = vm_memory::Bytes::write_slice(
-                    &mem,
-                    &op[4..],
-                    vm_memory::GuestAddress(u64::from(word(0) >> 8) % (1 << 20)),
-                );
-            }
-            4 => d.handle_notify(usize::from(op[1] & 1)),
-            _ => {
-                // A well-formed bring-up step, so the fuzzer gets past feature negotiation.
-                d.write_bar(0x14, &[op[1] & 0x0f]);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
