@@ -21,6 +21,7 @@ const INSPECT: &str = r#"inspect() {
   # Field 41 of stat, the scheduling policy: 1 is SCHED_FIFO.
   echo "fifo: $(for t in /proc/$vm/task/*; do [ "$(cut -d' ' -f41 $t/stat)" = 1 ] && cat $t/comm; done | tr '\n' ' ')"
   for ns in mnt net pid ipc uts; do
+    [ -z "$(readlink /proc/$vm/ns/$ns)" ] && echo "unreadable-ns: $ns"
     [ "$(readlink /proc/$vm/ns/$ns)" = "$(readlink /proc/self/ns/$ns)" ] && echo "shared-ns: $ns"
   done
   echo inspected
@@ -61,6 +62,7 @@ fn assert_jailed(out: &str, shared_net: bool, fifo: &str) {
         .lines()
         .filter_map(|l| l.strip_prefix("shared-ns: "))
         .collect();
+    assert!(!out.contains("unreadable-ns"), "{out}");
     let want: &[&str] = if shared_net { &["net"] } else { &[] };
     assert_eq!(shared, want, "{out}");
 }
