@@ -51,21 +51,11 @@ pub struct OutputDrain {
     shared: Arc<Shared>,
 }
 
-/// Starts a thread named `name` that runs `on_start` (e.g. to install its seccomp filter), then
-/// writes what the returned queue takes to `dest`, holding at most `capacity` bytes.
-pub fn spawn(
-    dest: Box<dyn Write + Send>,
-    name: &str,
-    capacity: usize,
-    on_start: Box<dyn FnOnce() + Send>,
-) -> io::Result<(OutputQueue, OutputDrain)> {
-    let (queue, drain, writer) = prepare(dest, name, capacity, on_start);
-    writer.start()?;
-    Ok((queue, drain))
-}
-
-/// [`spawn`] without starting the thread yet (a process that must stay single-threaded for a
-/// while, to enter its jail, starts it later): the queue takes output at once and holds it.
+/// A queue of `capacity` bytes for `dest`, and its writer thread, named `name`, which runs
+/// `on_start` (e.g. to install its seccomp filter) and then writes what the queue takes.
+/// The thread starts with [`PendingWriter::start`], so that a process that must stay
+/// single-threaded for a while (to enter its jail) starts it later; the queue takes output at
+/// once and holds it.
 pub fn prepare(
     dest: Box<dyn Write + Send>,
     name: &str,
@@ -225,6 +215,17 @@ impl Drop for OutputDrain {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    fn spawn(
+        dest: Box<dyn Write + Send>,
+        name: &str,
+        capacity: usize,
+        on_start: Box<dyn FnOnce() + Send>,
+    ) -> io::Result<(OutputQueue, OutputDrain)> {
+        let (queue, drain, writer) = prepare(dest, name, capacity, on_start);
+        writer.start()?;
+        Ok((queue, drain))
+    }
 
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -283,14 +283,8 @@ impl Config {
         for vm in &self.vms {
             let name = vm.name.get_ref();
             if let Some(s) = &vm.seccomp {
-                if !matches!(s.get_ref().as_str(), "enforce" | "log" | "off") {
-                    return Err(self.error(
-                        s.span(),
-                        format!(
-                            "VM '{name}': seccomp '{}' is not enforce, log or off",
-                            s.get_ref()
-                        ),
-                    ));
+                if let Err(e) = s.get_ref().parse::<tandem_sandbox::SeccompMode>() {
+                    return Err(self.error(s.span(), format!("VM '{name}': seccomp {e}")));
                 }
             }
             if !vm.jailed() {

@@ -3,6 +3,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use tandem_sandbox::jail::NOBODY;
+
 use crate::config::{Config, Restart, Role};
 
 /// One VM as the supervisor starts it.
@@ -28,9 +30,6 @@ pub struct VmPlan {
     /// The directory it is jailed in, if it is.
     pub jail: Option<PathBuf>,
 }
-
-/// The uid and gid of a jailed VM not configured otherwise: Debian's nobody and nogroup.
-pub const NOBODY: u32 = 65534;
 
 /// A channel's shared memory file.
 #[derive(Debug, Clone, PartialEq, Eq)]
