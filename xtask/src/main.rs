@@ -15,7 +15,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::exit;
 
 const USAGE: &str = "\
-usage: cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
+usage: cargo xtask build                    release build of tandem, test programs, RT guest
+       cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
        cargo xtask guests-dir               print the cached guest images' directory
        cargo xtask bench boot               boot time and memory: tandem vs QEMU, in the testbed
@@ -24,7 +25,7 @@ usage: cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs w
 Runs CMD (default: an interactive shell) as root in a nested testbed: QEMU TCG `-cpu max`
 booting Debian's cloud kernel with kvm-amd loaded, so /dev/kvm works inside. Present there:
 /usr/bin/tandem (release build) and /guests/{vmlinuz,vmlinuz-rt,vmlinuz-generic,vmlinux,
-initramfs.cpio.gz}. Exits with CMD's status; 124 on timeout; 125 when the testbed failed.
+initramfs.cpio.gz,rtref} (rtref: the reference real-time guest, when built). Exits with CMD's status; 124 on timeout; 125 when the testbed failed.
 
 options:
   --mem SIZE                memory of the test host, as for qemu -m (default 2G)
@@ -33,7 +34,7 @@ options:
                             carry a file or directory in (default GUESTPATH: HOSTPATH made
                             absolute); may be repeated
   --timeout SECS            stop the test host after SECS seconds (default 900)
-  --no-build                use target/release/tandem as it is
+  --no-build                use target/release/tandem and the RT guest as they are
   -h, --help                this text
 
 Assets are cached in $TANDEM_CACHE, else $HOME/.cache/tandem/testbed.";
@@ -57,6 +58,7 @@ fn main() {
                 tasks::ensure_host_packages().and_then(|()| testbed::run(&opts))
             }
         }
+        Some("build") => tasks::build(&root),
         Some("test") => tasks::test(&root, &args[1..]),
         Some("guests-dir") => tasks::guests_dir(),
         Some("bench") => match args.get(1).map(String::as_str) {

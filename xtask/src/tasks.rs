@@ -1,6 +1,7 @@
-//! The tasks besides `testbed`: `test`, `shell`, `guests-dir`, and the host packages they need.
+//! The tasks besides `testbed`: `build`, `test`, `shell`, `guests-dir`, and the host packages
+//! they need.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{assets, testbed};
@@ -146,8 +147,42 @@ pub fn cargo(root: &Path, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The reference real-time guest's own target directory (it is its own workspace).
+const RTREF_TARGET_DIR: &str = "target/guests";
+
+/// Where [`build_rtref`] puts the reference real-time guest.
+pub fn rtref_path(root: &Path) -> PathBuf {
+    root.join(RTREF_TARGET_DIR).join("release/rtref")
+}
+
+/// Builds the reference real-time guest (`guests/rtref`, a freestanding kernel in its own
+/// workspace, linked by its build script) into [`rtref_path`].
+pub fn build_rtref(root: &Path) -> Result<PathBuf, String> {
+    let target_dir = root.join(RTREF_TARGET_DIR);
+    let target_dir = target_dir
+        .to_str()
+        .ok_or("the workspace path is not UTF-8")?;
+    cargo(
+        &root.join("guests/rtref"),
+        &["build", "--release", "--target-dir", target_dir],
+    )?;
+    Ok(rtref_path(root))
+}
+
+/// `cargo xtask build`: the release build of tandem and the test programs, and the reference
+/// real-time guest.
+pub fn build(root: &Path) -> Result<i32, String> {
+    cargo(
+        root,
+        &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
+    )?;
+    let rtref = build_rtref(root)?;
+    eprintln!("xtask: built target/release/tandem and {}", rtref.display());
+    Ok(0)
+}
+
 /// `cargo xtask test [ARGS]`: host packages, formatting and clippy checks, the release build and
-/// the guest images first, then
+/// the reference real-time guest and the guest images first, then
 /// `cargo test --workspace ARGS` with the integration tests pointed at this xtask.
 pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
     ensure_host_packages()?;
@@ -168,6 +203,7 @@ pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
         root,
         &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
     )?;
+    build_rtref(root)?;
     assets::ensure(&assets::cache_root()?)?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));

@@ -34,7 +34,7 @@ pub struct Options {
     pub with: Vec<(PathBuf, String)>,
     /// Seconds before the test host is stopped.
     pub timeout: u64,
-    /// Skip `cargo build --release -p tandem`.
+    /// Skip `cargo build --release -p tandem` and the reference RT guest's build.
     pub no_build: bool,
     /// The command and its arguments.
     pub cmd: Vec<String>,
@@ -57,7 +57,10 @@ pub fn run(opts: &Options) -> Result<i32, String> {
         if !status.success() {
             return Err(format!("building tandem failed ({status})"));
         }
+        eprintln!("testbed: building the reference real-time guest (guests/rtref)");
+        crate::tasks::build_rtref(root)?;
     }
+    let rtref = Some(crate::tasks::rtref_path(root)).filter(|p| p.is_file());
     let tandem = root.join("target/release/tandem");
     let tandem = if tandem.is_file() {
         Some(tandem)
@@ -74,7 +77,7 @@ pub fn run(opts: &Options) -> Result<i32, String> {
     let run_dir = std::env::temp_dir().join(format!("tandem-testbed-{}", std::process::id()));
     fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
-    let result = boot(opts, &assets, tandem.as_deref(), &run_dir);
+    let result = boot(opts, &assets, tandem.as_deref(), rtref.as_deref(), &run_dir);
     let _ = fs::remove_dir_all(&run_dir);
     result
 }
@@ -84,12 +87,13 @@ fn boot(
     opts: &Options,
     assets: &Assets,
     tandem: Option<&Path>,
+    rtref: Option<&Path>,
     run_dir: &Path,
 ) -> Result<i32, String> {
     let initrd = run_dir.join("initrd");
     let base = assets.l1_base();
     fs::copy(&base, &initrd).map_err(|e| format!("copy {}: {e}", base.display()))?;
-    write_run_archive(opts, tandem, &initrd)?;
+    write_run_archive(opts, tandem, rtref, &initrd)?;
     let exit_file = run_dir.join("exit");
 
     let mut qemu = Command::new("qemu-system-x86_64");
@@ -194,8 +198,14 @@ fn wait(child: &mut Child, deadline: Instant) -> Result<bool, String> {
     }
 }
 
-/// Appends this run's gzip'd cpio (init, command, tandem, `--with` files) to `initrd`.
-fn write_run_archive(opts: &Options, tandem: Option<&Path>, initrd: &Path) -> Result<(), String> {
+/// Appends this run's gzip'd cpio (init, command, tandem, the reference RT guest as
+/// `/guests/rtref`, `--with` files) to `initrd`.
+fn write_run_archive(
+    opts: &Options,
+    tandem: Option<&Path>,
+    rtref: Option<&Path>,
+    initrd: &Path,
+) -> Result<(), String> {
     let env = console_env();
     let script = format!(
         "{}\n",
@@ -218,6 +228,9 @@ fn write_run_archive(opts: &Options, tandem: Option<&Path>, initrd: &Path) -> Re
     if let Some(tandem) = tandem {
         w.file_from("usr/bin/tandem", tandem).map_err(io)?;
         libs.extend(shared_libs(tandem));
+    }
+    if let Some(rtref) = rtref {
+        w.file_from("guests/rtref", rtref).map_err(io)?;
     }
     for (host, guest) in &opts.with {
         w.tree_from(guest, host)

@@ -308,3 +308,12 @@ pub fn guest_overlay(name: &str, programs: &[&str]) -> (String, Vec<String>) {
     );
     (script, files)
 }
+
+/// The reference real-time guest built by `cargo xtask build` or `cargo xtask test`
+/// (target/guests/release/rtref), as an absolute path.
+pub fn rtref_guest() -> String {
+    std::fs::canonicalize(workspace_root().join("target/guests/release/rtref"))
+        .unwrap_or_else(|e| panic!("the reference RT guest is built by cargo xtask build: {e}"))
+        .display()
+        .to_string()
+}

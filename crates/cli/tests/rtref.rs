@@ -1,0 +1,161 @@
+//! The reference real-time guest (guests/rtref) under `tandem run`: its periodic task handles
+//! every deadline, its report parses, its live figures reach the channel, and its errors show.
+//!
+//! Latencies in the nested testbed are emulated (hundreds of µs and more): the tests check the
+//! counts and the consistency of the figures, never their size.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use common::{case, rtref_guest, run_script_with, Case};
+use tandem_rtref::shm::{Figures, RECORD_SIZE, STATE_DONE};
+
+type Session = (HashMap<String, Case>, String);
+
+fn session() -> &'static Session {
+    static S: OnceLock<Session> = OnceLock::new();
+    S.get_or_init(|| {
+        let rt = rtref_guest();
+        let script = format!(
+            r#"
+RT="--kernel {rt} --memory 32M"
+run_case rt --boot pvh $RT --cmdline 'period_us=2000 duration_s=2'
+run_case chan $RT --channel path=/tmp/rtchan,size=1M,id=0 --cmdline 'period_us=2000 duration_s=1 publish_every=50 bell=1'
+record chan-file od -A n -t x1 -v -N {RECORD_SIZE} /tmp/rtchan
+run_case bad $RT --cmdline 'period_us=fast'
+"#
+        );
+        run_script_with(&script, &[&rt])
+    })
+}
+
+/// The `key=value` fields of the first line starting with `prefix`.
+fn record<'a>(output: &'a str, prefix: &str) -> HashMap<&'a str, &'a str> {
+    let line = output
+        .lines()
+        .find(|l| l.trim_start().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{output}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+fn num(r: &HashMap<&str, &str>, key: &str) -> i64 {
+    r.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {key}= in {r:?}"))
+}
+
+/// Checks the report of a run of `ticks` ticks of `period_ns`; returns the `done` line.
+fn check_report(c: &Case, ticks: i64, period_ns: i64) -> HashMap<&str, &str> {
+    let out = &c.output;
+    assert_eq!(
+        c.rc, 0,
+        "tandem should exit 0 after the guest powers off:\n{out}"
+    );
+    assert!(!out.contains("rtref: error"), "{out}");
+    let start = record(out, "rtref: start ");
+    assert_eq!(start.get("timer"), Some(&"tsc-deadline"), "{out}");
+    assert!(
+        ["kvmclock", "cpuid15", "cpuid40000010", "cpuid16"].contains(&start["tsc_source"]),
+        "{out}"
+    );
+    assert!(num(&start, "tsc_hz") > 0, "{out}");
+    assert_eq!(
+        (num(&start, "ticks"), num(&start, "period_ns")),
+        (ticks, period_ns),
+        "{out}"
+    );
+    let done = record(out, "rtref: done ");
+    // Absolute deadlines: every one of duration/period is handled, however late.
+    assert_eq!(num(&done, "ticks"), ticks, "{out}");
+    assert_eq!(num(&done, "period_ns"), period_ns, "{out}");
+    let (min, avg, max, p999) = (
+        num(&done, "min_ns"),
+        num(&done, "avg_ns"),
+        num(&done, "max_ns"),
+        num(&done, "p999_ns"),
+    );
+    assert!(min <= avg && avg <= max, "min <= avg <= max:\n{out}");
+    assert!(min <= p999 && p999 <= max, "min <= p999 <= max:\n{out}");
+    let in_hist: i64 = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("rtref: hist "))
+        .map(|l| num(&record(l, "rtref: hist "), "count"))
+        .sum();
+    assert_eq!(in_hist, ticks, "the histogram holds every tick:\n{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "rtref: end"),
+        "the report is complete:\n{out}"
+    );
+    done
+}
+
+#[test]
+fn the_reference_guest_handles_every_deadline_and_reports() {
+    let (cases, all) = session();
+    // 2 s at 2 ms, booted through its PVH entry (`--boot pvh` fails without the ELF note).
+    check_report(case(cases, all, "rt"), 1000, 2_000_000);
+}
+
+#[test]
+fn the_reference_guest_publishes_its_figures_in_the_channel() {
+    let (cases, all) = session();
+    let c = case(cases, all, "chan");
+    let done = check_report(c, 500, 2_000_000);
+    let ch = record(&c.output, "rtref: channel ");
+    assert_eq!(
+        num(&ch, "peer"),
+        0,
+        "IVPosition is the channel's id:\n{}",
+        c.output
+    );
+    let file = case(cases, all, "chan-file");
+    let bytes: Vec<u8> = file
+        .output
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).expect("od prints hex bytes"))
+        .collect();
+    assert_eq!(bytes.len(), RECORD_SIZE, "{}", file.output);
+    let (seq, f) = Figures::decode(&bytes).unwrap_or_else(|| {
+        panic!(
+            "the record has the magic, the version and an even seq:\n{}",
+            file.output
+        )
+    });
+    // One publication at the start, one every 50 of 500 ticks, one at the end: 12 writes.
+    assert_eq!(seq, 2 * 12, "{f:?}");
+    assert_eq!((f.state, f.ticks, f.ticks_planned), (STATE_DONE, 500, 500));
+    assert_eq!(f.period_ns, 2_000_000);
+    assert_eq!(
+        (f.min_ns, f.avg_ns, f.max_ns, f.p999_ns),
+        (
+            num(&done, "min_ns"),
+            num(&done, "avg_ns"),
+            num(&done, "max_ns"),
+            num(&done, "p999_ns")
+        ),
+        "the channel holds the figures of the report"
+    );
+    assert!(f.tsc_hz > 0);
+}
+
+#[test]
+fn a_bad_command_line_stops_the_guest_with_an_error() {
+    let (cases, all) = session();
+    let c = case(cases, all, "bad");
+    assert!(
+        c.output
+            .contains("rtref: error: command line: period_us=fast: not a number"),
+        "{}",
+        c.output
+    );
+    assert_ne!(
+        c.rc, 0,
+        "the guest's failure must fail tandem:\n{}",
+        c.output
+    );
+    assert!(!c.output.contains("rtref: start"), "{}", c.output);
+}
