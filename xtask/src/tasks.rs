@@ -169,6 +169,30 @@ pub fn build_rtref(root: &Path) -> Result<PathBuf, String> {
     Ok(rtref_path(root))
 }
 
+/// Formatting and clippy checks of the reference real-time guest, which the workspace's own
+/// checks do not reach (it is its own workspace).
+fn lint_rtref(root: &Path) -> Result<(), String> {
+    let dir = root.join("guests/rtref");
+    let target_dir = root.join(RTREF_TARGET_DIR);
+    let target_dir = target_dir
+        .to_str()
+        .ok_or("the workspace path is not UTF-8")?;
+    cargo(&dir, &["fmt", "--check"])?;
+    cargo(
+        &dir,
+        &[
+            "clippy",
+            "--release",
+            "--quiet",
+            "--target-dir",
+            target_dir,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )
+}
+
 /// `cargo xtask build`: the release build of tandem and the test programs, and the reference
 /// real-time guest.
 pub fn build(root: &Path) -> Result<i32, String> {
@@ -181,9 +205,9 @@ pub fn build(root: &Path) -> Result<i32, String> {
     Ok(0)
 }
 
-/// `cargo xtask test [ARGS]`: host packages, formatting and clippy checks, the release build and
-/// the reference real-time guest and the guest images first, then
-/// `cargo test --workspace ARGS` with the integration tests pointed at this xtask.
+/// `cargo xtask test [ARGS]`: host packages, formatting and clippy checks (the workspace's and
+/// the reference RT guest's), the release build, the reference RT guest and the guest images
+/// first, then `cargo test --workspace ARGS` with the integration tests pointed at this xtask.
 pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
     ensure_host_packages()?;
     cargo(root, &["fmt", "--all", "--check"])?;
@@ -199,6 +223,7 @@ pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
             "warnings",
         ],
     )?;
+    lint_rtref(root)?;
     cargo(
         root,
         &["build", "--release", "-p", "tandem", "-p", "tandem-testkit"],
