@@ -1,5 +1,6 @@
 //! The reference real-time guest (guests/rtref) under `tandem run`: its periodic task handles
-//! every deadline, its report parses, its live figures reach the channel, and its errors show.
+//! every deadline without exits to tandem, its report parses, its live figures reach the
+//! channel, and its errors show.
 //!
 //! Latencies in the nested testbed are emulated (hundreds of µs and more): the tests check the
 //! counts and the consistency of the figures, never their size.
@@ -25,6 +26,13 @@ run_case rt --boot pvh $RT --cmdline 'period_us=2000 duration_s=2'
 run_case chan $RT --channel path=/tmp/rtchan,size=1M,id=0 --cmdline 'period_us=2000 duration_s=1 publish_every=50 bell=1'
 record chan-file od -A n -t x1 -v -N {RECORD_SIZE} /tmp/rtchan
 run_case bad $RT --cmdline 'period_us=fast'
+export TANDEM_LOG=info
+for run in short:1 long:2; do
+  r=${{run%:*}}
+  run_case $r $RT --serial file:/tmp/$r.console --cmdline "period_us=2000 duration_s=${{run#*:}}"
+  record $r-console cat /tmp/$r.console
+  record $r-bytes wc -c /tmp/$r.console
+done
 "#
         );
         run_script_with(&script, &[&rt])
@@ -158,4 +166,63 @@ fn a_bad_command_line_stops_the_guest_with_an_error() {
         c.output
     );
     assert!(!c.output.contains("rtref: start"), "{}", c.output);
+}
+
+/// Exits to tandem's user space in a run, from tandem's info log line
+/// `vcpu0: N exits (pio in A, pio out B, mmio C, interrupted D, other E)`, without the
+/// `interrupted` ones (signals to the vCPU thread, not the guest's doing).
+fn user_space_exits(out: &str) -> i64 {
+    let line = out
+        .lines()
+        .find(|l| l.contains("vcpu0: ") && l.contains(" exits (pio in "))
+        .unwrap_or_else(|| panic!("no exit counts in tandem's log:\n{out}"));
+    let after = |key: &str| -> i64 {
+        let at = line
+            .find(key)
+            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
+            + key.len();
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
+    };
+    after("pio in ") + after("pio out ") + after("mmio ") + after("other ")
+}
+
+/// The first number in a case's output (`wc -c`'s byte count).
+fn first_number(c: &Case) -> i64 {
+    c.output
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {:?}", c.output))
+}
+
+#[test]
+fn the_periodic_task_causes_no_exit_to_user_space() {
+    let (cases, all) = session();
+    // The console goes to a file, so that tandem's log cannot interleave with it.
+    let mut fixed = Vec::new();
+    for (name, ticks) in [("short", 500), ("long", 1000)] {
+        let run = case(cases, all, name);
+        let console = case(cases, all, &format!("{name}-console"));
+        let console = Case {
+            rc: run.rc,
+            ..console.clone()
+        };
+        check_report(&console, ticks, 2_000_000);
+        let bytes = first_number(case(cases, all, &format!("{name}-bytes")));
+        // Each byte on the serial port is two exits (line status, then the byte); the rest is
+        // the start-up and the power-off, the same in both runs.
+        fixed.push((
+            user_space_exits(&run.output) - 2 * bytes,
+            run.output.clone(),
+        ));
+    }
+    assert_eq!(
+        fixed[0].0, fixed[1].0,
+        "500 more ticks must add no exit to user space besides the console's:\n{}\n{}",
+        fixed[0].1, fixed[1].1
+    );
 }
