@@ -123,6 +123,15 @@ pub fn plan(
             if let Some(s) = &vm.seccomp {
                 a.extend(["--seccomp".into(), s.get_ref().clone()]);
             }
+            if let Some(l) = &vm.disable_exits {
+                a.extend(["--disable-exits".into(), l.get_ref().clone()]);
+            }
+            if let Some(l) = &vm.disable_exits_optional {
+                a.extend(["--disable-exits-optional".into(), l.get_ref().clone()]);
+            }
+            if let Some(ns) = &vm.halt_poll_ns {
+                a.extend(["--halt-poll-ns".into(), ns.get_ref().to_string()]);
+            }
             let jail = jails.filter(|_| vm.jailed()).map(|j| j.join(name));
             if let Some(dir) = &jail {
                 let id = |v: &Option<toml::Spanned<u32>>| {
@@ -193,6 +202,9 @@ cmdline = "console=ttyS0 quiet"
 memory = "256M"
 cpus = [3]
 lock_memory = true
+disable_exits = "hlt"
+disable_exits_optional = "none"
+halt_poll_ns = 0
 
 [[vm]]
 name = "gp"
@@ -225,7 +237,7 @@ members = ["gp", "rt"]
             vms[0].args.join(" "),
             "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \
              --pin-cpus 3 --serial stdio --realtime --housekeeping-cpus 0,1,2 --lock-memory \
-             --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
+             --disable-exits hlt --disable-exits-optional none --halt-poll-ns 0 --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
         );
         assert_eq!(
             vms[1].args.join(" "),

@@ -87,6 +87,9 @@ pub enum VmError {
     /// The placement (pinning, scheduling, memory backing) cannot be applied.
     #[error(transparent)]
     Placement(#[from] crate::placement::PlacementError),
+    /// A realtime setting the host refuses.
+    #[error(transparent)]
+    Realtime(#[from] crate::realtime::RealtimeError),
     /// An inter-VM channel could not be attached.
     #[error(transparent)]
     Channel(#[from] crate::pci::ChannelError),
@@ -131,6 +134,7 @@ impl VmError {
             | VmError::Channel(_)
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_) => true,
+            VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
