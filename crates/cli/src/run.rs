@@ -290,6 +290,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         .collect();
     let cfg = VmConfig {
         jail,
+        stats_socket: None,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,

@@ -99,6 +99,9 @@ pub enum VmError {
     /// The jail could not be entered.
     #[error(transparent)]
     Jail(#[from] tandem_sandbox::jail::JailError),
+    /// The stats socket could not be set up.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::server::ServeError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -132,6 +135,7 @@ impl VmError {
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_) => true,
             VmError::Jail(e) => e.is_user_error(),
+            VmError::Stats(e) => e.is_user_error(),
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -9,6 +9,7 @@
 //! - [`irq`]: the GSI routing table with the MSI routes of MSI-X vectors;
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
 //! - [`placement`]: vCPU pinning, SCHED_FIFO, housekeeping CPUs, locked and huge-page memory;
+//! - [`stats`]: exit accounting (KVM's binary statistics, exits by device) on a stats socket;
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
 #![deny(missing_docs)]
@@ -28,6 +29,7 @@ pub mod placement;
 pub mod probe;
 pub mod regs;
 pub mod signals;
+pub mod stats;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

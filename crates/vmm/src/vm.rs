@@ -86,6 +86,8 @@ pub struct VmConfig {
     /// The jail the process enters once its privileged setup is done (`None`: none). The
     /// caller has closed inherited descriptors and forked into a PID namespace already.
     pub jail: Option<tandem_sandbox::jail::JailConfig>,
+    /// Where the VM serves its exit accounting (`None`: nowhere; see [`crate::stats`]).
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// The transport of the VM's virtio devices.
@@ -252,6 +254,9 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
         c.open()?;
     }
     crate::pci::check_channels(&cfg.channels)?;
+    if let Some(path) = &cfg.stats_socket {
+        crate::stats::server::check(path)?;
+    }
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
@@ -521,6 +526,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         disks.push(tandem_virtio::Block::open(d)?);
     }
     let vm = Arc::new(kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?);
+    // Exit accounting; `settings` is what each snapshot shows of the settings in force.
+    let settings = [("placement".to_string(), cfg.placement.describe())].into();
+    let mut stats = crate::stats::Collector::new(vm.as_ref(), settings);
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -553,16 +561,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
     let mut bus = DeviceBus::new();
     let serial = bus.add_pio(
+        "serial",
         COM1_BASE,
         UART_PORTS,
         SerialDevice::new(serial_irq, console),
     )?;
     bus.add_pio(
+        "i8042",
         I8042_BASE,
         I8042_PORTS,
         I8042::new(reset.try_clone().map_err(VmError::Device)?),
     )?;
     bus.add_pio(
+        "acpi-pm",
         ACPI_PM_PORT,
         1,
         AcpiPmDevice::new(
@@ -650,6 +661,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
+    let mut stats_server = cfg
+        .stats_socket
+        .as_deref()
+        .map(crate::stats::server::StatsServer::bind)
+        .transpose()?;
     // Everything that needs privilege or the host's files is done: the jail, then threads.
     if let Some(jail) = &cfg.jail {
         tandem_sandbox::jail::enter(jail, jail_needs(cfg))?;
@@ -660,6 +676,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
     let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
+    stats.set_bus(bus.clone());
 
     // vCPUs.
     let vcpu_done = EventFdTrigger::new().map_err(VmError::Device)?;
@@ -672,6 +689,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             .create_vcpu(index.into())
             .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
+        stats.add_vcpu(index.into(), &fd);
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
         let placement = cfg.placement.clone();
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
@@ -713,6 +731,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         },
         stdin: cfg.stdin,
         escape: cfg.escape,
+        stats: stats_server.as_mut().map(|s| (s, &stats)),
     })?;
     tracing::info!("guest stopped: {event:?}");
     stop_vcpus(handles, &stop);
