@@ -179,8 +179,7 @@ fn table(before: &Snapshot, now: &Snapshot, all: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "VM pid {}, up {:.1} s; totals since it started, rates over the last {secs:.1} s",
-        now.pid,
+        "VM up {:.1} s; totals since it started, rates over the last {secs:.1} s",
         now.uptime_ms as f64 / 1000.0
     );
     for (k, v) in &now.settings {

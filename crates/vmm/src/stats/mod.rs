@@ -26,7 +26,7 @@ pub struct Snapshot {
     pub version: u32,
     /// Milliseconds since the VM was created (the clock of every rate).
     pub uptime_ms: u64,
-    /// The VM process's ID.
+    /// The VM process's ID (in its own PID namespace when jailed: then 1).
     pub pid: u32,
     /// Settings in force that affect exits (the VM fills it: placement, exit controls, ...).
     pub settings: BTreeMap<String, String>,
