@@ -138,6 +138,10 @@ pub struct RunArgs {
     /// by `tandem up`); repeatable.
     #[arg(long, value_name = "FD", hide = true)]
     keep_fd: Vec<i32>,
+    /// Serve exit accounting (KVM's counts per vCPU, user-space exits per device) on a Unix
+    /// socket at PATH, for `tandem stats --socket PATH`.
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
     /// Test hook: threads of this kind (vmm, vcpu or io) make a forbidden syscall right after
     /// installing their filter.
     #[arg(long, value_name = "KIND", hide = true)]
@@ -305,6 +309,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         .collect();
     let cfg = VmConfig {
         jail,
+        stats_socket: args.stats_socket,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,

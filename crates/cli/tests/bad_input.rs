@@ -887,3 +887,68 @@ fn exits_left_to_the_guest_need_dedicated_cpus_and_a_host_that_offers_them() {
         "the realtime defaults take what the host offers"
     );
 }
+
+#[test]
+fn stats_of_a_vm_that_is_not_there_or_a_socket_nobody_serves() {
+    let dir = std::env::temp_dir().join(format!("tandem-stats-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = dir.to_str().unwrap();
+    assert_one_clear_line(
+        &["stats", "no-such-vm", "--state-dir", st],
+        &[],
+        "no VM 'no-such-vm' in a tandem up with state directory",
+    );
+    assert_one_clear_line(
+        &["stats", "../etc", "--state-dir", st],
+        &[],
+        "'../etc' is not a VM name",
+    );
+    // A socket left by a VM that ended: nobody answers.
+    let stale = dir.join("stats-gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert_one_clear_line(
+        &["stats", "gone", "--state-dir", st],
+        &[],
+        "no VM answers on stats socket",
+    );
+    assert_one_clear_line(
+        &["stats", "--socket", stale.to_str().unwrap(), "--json"],
+        &[],
+        "Connection refused",
+    );
+    assert_one_clear_line(
+        &["stats", "--socket", "/nonexistent/s.sock"],
+        &[],
+        "no VM answers on stats socket /nonexistent/s.sock",
+    );
+    assert_one_clear_line(&["stats"], &[], "NAME");
+    assert_one_clear_line(
+        &["stats", "a", "--socket", "/x"],
+        &[],
+        "cannot be used with",
+    );
+    // `tandem run` refuses a stats socket it cannot bind before booting.
+    let k = fake_kernel();
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    for (path, expect) in [
+        (file.to_str().unwrap(), "exists and is not a socket"),
+        ("/nonexistent/s.sock", "No such file or directory"),
+    ] {
+        assert_one_clear_line(
+            &[
+                "run",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--stats-socket",
+                path,
+                "--dry-run",
+            ],
+            &[],
+            expect,
+        );
+    }
+    let _ = std::fs::remove_file(k);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -214,7 +214,8 @@ pub struct Config {
     pub channels: Vec<ChannelSpec>,
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` is a valid VM or channel name: 1-32 letters, digits, `-` or `_`.
+pub fn valid_name(s: &str) -> bool {
     (1..=32).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

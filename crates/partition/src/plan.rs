@@ -42,6 +42,12 @@ pub struct ChannelPlan {
     pub size: u64,
 }
 
+/// Where VM `name` of the `tandem up` in `state_dir` serves its exit accounting
+/// (`tandem stats NAME`).
+pub fn stats_socket(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(format!("stats-{name}.sock"))
+}
+
 fn list(cpus: &[u32]) -> String {
     cpus.iter()
         .map(u32::to_string)
@@ -98,6 +104,8 @@ pub fn plan(
                 list(&cpus),
                 "--serial".into(),
                 "stdio".into(),
+                "--stats-socket".into(),
+                stats_socket(state_dir, name).display().to_string(),
             ]);
             if vm.role == Role::Realtime {
                 a.push("--realtime".into());
@@ -236,13 +244,15 @@ members = ["gp", "rt"]
         assert_eq!(
             vms[0].args.join(" "),
             "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \
-             --pin-cpus 3 --serial stdio --realtime --housekeeping-cpus 0,1,2 --lock-memory \
-             --disable-exits hlt --disable-exits-optional none --halt-poll-ns 0 --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
+             --pin-cpus 3 --serial stdio --stats-socket /run/t/stats-rt.sock --realtime \
+             --housekeeping-cpus 0,1,2 --lock-memory --disable-exits hlt \
+             --disable-exits-optional none --halt-poll-ns 0 \
+             --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
         );
         assert_eq!(
             vms[1].args.join(" "),
             "run --kernel /k --memory 1048576K --pin-cpus 0,1 --serial stdio \
-             --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on \
+             --stats-socket /run/t/stats-gp.sock --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on \
              --net user,host-loopback=off --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0,doorbells=7/8"
         );
     }

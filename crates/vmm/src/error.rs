@@ -102,6 +102,9 @@ pub enum VmError {
     /// The jail could not be entered.
     #[error(transparent)]
     Jail(#[from] tandem_sandbox::jail::JailError),
+    /// The stats socket could not be set up.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::server::ServeError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -136,6 +139,7 @@ impl VmError {
             | VmError::Placement(_) => true,
             VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),
+            VmError::Stats(e) => e.is_user_error(),
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -11,6 +11,7 @@
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
 //! - [`placement`]: vCPU pinning, SCHED_FIFO, housekeeping CPUs, locked and huge-page memory;
 //! - [`realtime`]: the exits a realtime VM leaves to the guest, and halt polling;
+//! - [`stats`]: exit accounting (KVM's binary statistics, exits by device) on a stats socket;
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
 //! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
 #![deny(missing_docs)]
@@ -32,6 +33,7 @@ pub mod probe;
 pub mod realtime;
 pub mod regs;
 pub mod signals;
+pub mod stats;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

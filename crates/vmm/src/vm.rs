@@ -88,6 +88,8 @@ pub struct VmConfig {
     /// The jail the process enters once its privileged setup is done (`None`: none). The
     /// caller has closed inherited descriptors and forked into a PID namespace already.
     pub jail: Option<tandem_sandbox::jail::JailConfig>,
+    /// Where the VM serves its exit accounting (`None`: nowhere; see [`crate::stats`]).
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// The transport of the VM's virtio devices.
@@ -257,6 +259,9 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
         c.open()?;
     }
     crate::pci::check_channels(&cfg.channels)?;
+    if let Some(path) = &cfg.stats_socket {
+        crate::stats::server::check(path)?;
+    }
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
@@ -510,6 +515,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     if cfg.placement.realtime {
         tracing::info!("realtime: {}", exits.describe());
     }
+    // Exit accounting; `settings` is what each snapshot shows of the settings in force.
+    let mut settings: std::collections::BTreeMap<String, String> =
+        [("placement".to_string(), cfg.placement.describe())].into();
+    if cfg.placement.realtime {
+        settings.insert("realtime".into(), exits.describe());
+    }
+    let mut stats = crate::stats::Collector::new(vm.as_ref(), settings);
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -542,16 +554,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
     let mut bus = DeviceBus::new();
     let serial = bus.add_pio(
+        "serial",
         COM1_BASE,
         UART_PORTS,
         SerialDevice::new(serial_irq, console),
     )?;
     bus.add_pio(
+        "i8042",
         I8042_BASE,
         I8042_PORTS,
         I8042::new(reset.try_clone().map_err(VmError::Device)?),
     )?;
     bus.add_pio(
+        "acpi-pm",
         ACPI_PM_PORT,
         1,
         AcpiPmDevice::new(
@@ -639,6 +654,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
+    let mut stats_server = cfg
+        .stats_socket
+        .as_deref()
+        .map(crate::stats::server::StatsServer::bind)
+        .transpose()?;
     // Everything that needs privilege or the host's files is done: the jail, then threads.
     if let Some(jail) = &cfg.jail {
         tandem_sandbox::jail::enter(jail, jail_needs(cfg))?;
@@ -649,6 +669,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
     let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
+    stats.set_bus(bus.clone());
 
     // vCPUs.
     let vcpu_done = EventFdTrigger::new().map_err(VmError::Device)?;
@@ -662,6 +683,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             .create_vcpu(index.into())
             .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         configure_vcpu(&kvm, &fd, index, cfg, entry)?;
+        stats.add_vcpu(index.into(), &fd);
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
         let finished = finished.clone();
         let placement = cfg.placement.clone();
@@ -706,6 +728,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         },
         stdin: cfg.stdin,
         escape: cfg.escape,
+        stats: stats_server.as_mut().map(|s| (s, &stats)),
     })?;
     tracing::info!("guest stopped: {event:?}");
     crate::kick::stop_vcpus(handles, &stop, &finished);
