@@ -43,6 +43,14 @@ pub fn load_and_check(file: &Path) -> Result<Config, ConfigError> {
         for f in &vm.forwards {
             run::parse_forward(f.get_ref()).map_err(|e| config.error(f.span(), e))?;
         }
+        for l in [&vm.disable_exits, &vm.disable_exits_optional]
+            .into_iter()
+            .flatten()
+        {
+            l.get_ref()
+                .parse::<tandem_vmm::realtime::ExitSet>()
+                .map_err(|e| config.error(l.span(), e))?;
+        }
     }
     Ok(config)
 }

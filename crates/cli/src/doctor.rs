@@ -51,6 +51,8 @@ pub fn main() -> ExitCode {
             "TSC_DEADLINE_TIMER",
         ),
         (kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP"),
+        // KVM's exit counts in `tandem stats` (Linux 5.14 and later).
+        (kvm_bindings::KVM_CAP_BINARY_STATS_FD, "BINARY_STATS_FD"),
     ] {
         let v = kvm.check_extension_raw(cap.into());
         line(

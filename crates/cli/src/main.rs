@@ -5,6 +5,7 @@ mod doctor;
 mod logging;
 mod run;
 mod spec;
+mod stats;
 mod terminal;
 mod up;
 
@@ -44,6 +45,9 @@ enum Command {
     Restart(up::VmArgs),
     /// Stop every VM of the running `tandem up` and end it.
     Down(up::StateArgs),
+    /// Show what takes a VM's vCPUs out of guest mode: KVM's exit counts per vCPU and the
+    /// exits tandem's devices handled, with rates.
+    Stats(stats::StatsArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,5 +95,6 @@ fn main() -> ExitCode {
         Command::Stop(a) => up::stop(a),
         Command::Restart(a) => up::restart(a),
         Command::Down(a) => up::down(a),
+        Command::Stats(a) => stats::main(a),
     }
 }

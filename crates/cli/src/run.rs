@@ -50,6 +50,20 @@ pub struct RunArgs {
     /// tandem's other threads stay off the vCPUs' CPUs.
     #[arg(long)]
     realtime: bool,
+    /// Exits that KVM leaves to the guest, so its vCPUs stay in the guest when they halt or
+    /// spin (none, or a list of hlt, pause, mwait, cstate); tandem fails to start when the host
+    /// refuses one. Needs --realtime and --pin-cpus; with both, the default is hlt,pause.
+    #[arg(long, value_name = "LIST")]
+    disable_exits: Option<tandem_vmm::realtime::ExitSet>,
+    /// Exits left to the guest where the host offers them, with a warning where it does not
+    /// (none, or a list as for --disable-exits). With --realtime and --pin-cpus, the default is
+    /// mwait,cstate.
+    #[arg(long, value_name = "LIST")]
+    disable_exits_optional: Option<tandem_vmm::realtime::ExitSet>,
+    /// How long a halted vCPU polls for a wake-up before it sleeps, in nanoseconds (0: it
+    /// sleeps at once); default: the kvm module's halt_poll_ns.
+    #[arg(long, value_name = "NS")]
+    halt_poll_ns: Option<u32>,
     /// Host CPUs for tandem's threads other than vCPUs (I/O, event loop).
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     housekeeping_cpus: Option<CpuList>,
@@ -99,9 +113,10 @@ pub struct RunArgs {
     /// without booting.
     #[arg(long)]
     dry_run: bool,
-    /// The virtio entropy device: on or off.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    rng: bool,
+    /// The virtio entropy device: on or off (default: on, but off for a realtime VM, which gets
+    /// only the devices it asks for).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    rng: Option<bool>,
     /// Per-thread seccomp filters: enforce (a syscall outside a thread's allow-list ends
     /// tandem with SIGSYS and a one-line report), log (allowed, and logged by the kernel as
     /// audit type=1326: see dmesg) or off.
@@ -123,6 +138,10 @@ pub struct RunArgs {
     /// by `tandem up`); repeatable.
     #[arg(long, value_name = "FD", hide = true)]
     keep_fd: Vec<i32>,
+    /// Serve exit accounting (KVM's counts per vCPU, user-space exits per device) on a Unix
+    /// socket at PATH, for `tandem stats --socket PATH`.
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
     /// Test hook: threads of this kind (vmm, vcpu or io) make a forbidden syscall right after
     /// installing their filter.
     #[arg(long, value_name = "KIND", hide = true)]
@@ -290,6 +309,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         .collect();
     let cfg = VmConfig {
         jail,
+        stats_socket: args.stats_socket,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
@@ -314,9 +334,15 @@ pub fn main(args: RunArgs) -> ExitCode {
                 d
             })
             .collect(),
-        rng: args.rng,
+        rng: args.rng.unwrap_or(!args.realtime),
         channels: args.channel,
         virtio_transport: args.virtio_transport,
+        exits: tandem_vmm::realtime::ExitPolicy::choose(
+            args.realtime && args.pin_cpus.is_some(),
+            args.disable_exits,
+            args.disable_exits_optional,
+            args.halt_poll_ns,
+        ),
         placement: tandem_vmm::placement::Placement {
             pin: args.pin_cpus.map(|l| l.0).unwrap_or_default(),
             realtime: args.realtime,

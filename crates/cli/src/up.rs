@@ -52,7 +52,7 @@ fn euid() -> u32 {
 }
 
 impl StateArgs {
-    fn dir(&self) -> PathBuf {
+    pub(crate) fn dir(&self) -> PathBuf {
         if let Some(d) = &self.state_dir {
             return d.clone();
         }

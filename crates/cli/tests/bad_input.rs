@@ -820,3 +820,135 @@ fn jail_options_that_cannot_work() {
     let _ = std::fs::remove_file(&link);
     let _ = std::fs::remove_dir(&open);
 }
+
+#[test]
+fn exits_left_to_the_guest_need_dedicated_cpus_and_a_host_that_offers_them() {
+    let k = fake_kernel();
+    let k = k.to_str().unwrap();
+    for (args, expect) in [
+        (
+            vec!["--disable-exits", "hlt"],
+            "--disable-exits hlt: needs --realtime and --pin-cpus",
+        ),
+        (
+            vec!["--realtime", "--disable-exits-optional", "mwait"],
+            "--disable-exits mwait: needs --realtime and --pin-cpus",
+        ),
+        (
+            vec!["--disable-exits", "hlt,nmi"],
+            "unknown exit 'nmi': expected none or a list of hlt, pause, mwait, cstate",
+        ),
+    ] {
+        let mut a = vec!["run", "--kernel", k, "--dry-run"];
+        a.extend(args);
+        assert_one_clear_line(&a, &[], expect);
+    }
+    // An exit this host's KVM keeps: refused with the reason, before anything starts.
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let offered = kvm
+        .check_extension_raw(kvm_bindings::KVM_CAP_X86_DISABLE_EXITS.into())
+        .max(0) as u32;
+    let names = [(2, "hlt"), (4, "pause"), (1, "mwait"), (8, "cstate")];
+    match names.iter().find(|(bit, _)| offered & bit == 0) {
+        Some((_, name)) => assert_one_clear_line(
+            &[
+                "run",
+                "--kernel",
+                k,
+                "--dry-run",
+                "--realtime",
+                "--pin-cpus",
+                "0",
+                "--disable-exits",
+                name,
+            ],
+            &[],
+            &format!(
+                "--disable-exits {name}: this host's KVM will not leave {name} to the guest: "
+            ),
+        ),
+        None => eprintln!("this host's KVM offers every exit: the refusal cannot be shown here"),
+    }
+    // What it offers is accepted.
+    let status = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "run",
+            "--kernel",
+            k,
+            "--dry-run",
+            "--realtime",
+            "--pin-cpus",
+            "0",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the realtime defaults take what the host offers"
+    );
+}
+
+#[test]
+fn stats_of_a_vm_that_is_not_there_or_a_socket_nobody_serves() {
+    let dir = std::env::temp_dir().join(format!("tandem-stats-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = dir.to_str().unwrap();
+    assert_one_clear_line(
+        &["stats", "no-such-vm", "--state-dir", st],
+        &[],
+        "no VM 'no-such-vm' in a tandem up with state directory",
+    );
+    assert_one_clear_line(
+        &["stats", "../etc", "--state-dir", st],
+        &[],
+        "'../etc' is not a VM name",
+    );
+    // A socket left by a VM that ended: nobody answers.
+    let stale = dir.join("stats-gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert_one_clear_line(
+        &["stats", "gone", "--state-dir", st],
+        &[],
+        "no VM answers on stats socket",
+    );
+    assert_one_clear_line(
+        &["stats", "--socket", stale.to_str().unwrap(), "--json"],
+        &[],
+        "Connection refused",
+    );
+    assert_one_clear_line(
+        &["stats", "--socket", "/nonexistent/s.sock"],
+        &[],
+        "no VM answers on stats socket /nonexistent/s.sock",
+    );
+    assert_one_clear_line(&["stats"], &[], "NAME");
+    assert_one_clear_line(
+        &["stats", "a", "--socket", "/x"],
+        &[],
+        "cannot be used with",
+    );
+    // `tandem run` refuses a stats socket it cannot bind before booting.
+    let k = fake_kernel();
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    for (path, expect) in [
+        (file.to_str().unwrap(), "exists and is not a socket"),
+        ("/nonexistent/s.sock", "No such file or directory"),
+    ] {
+        assert_one_clear_line(
+            &[
+                "run",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--stats-socket",
+                path,
+                "--dry-run",
+            ],
+            &[],
+            expect,
+        );
+    }
+    let _ = std::fs::remove_file(k);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -41,6 +41,7 @@ pub fn platform_pio(data: &[u8]) {
     let mut bus = DeviceBus::new();
     let serial = bus
         .add_pio(
+            "serial",
             COM1_BASE,
             UART_PORTS,
             SerialDevice::new(
@@ -49,10 +50,15 @@ pub fn platform_pio(data: &[u8]) {
             ),
         )
         .expect("serial");
-    bus.add_pio(I8042_BASE, I8042_PORTS, I8042::new(trig()))
+    bus.add_pio("i8042", I8042_BASE, I8042_PORTS, I8042::new(trig()))
         .expect("i8042");
-    bus.add_pio(ACPI_PM_PORT, 1, AcpiPmDevice::new(trig(), trig()))
-        .expect("acpi");
+    bus.add_pio(
+        "acpi-pm",
+        ACPI_PM_PORT,
+        1,
+        AcpiPmDevice::new(trig(), trig()),
+    )
+    .expect("acpi");
     let bus: &dyn IoBus = &bus;
     let serial: &Mutex<SerialDevice> = &serial;
     let mut rest = data;

@@ -162,6 +162,16 @@ pub struct VmSpec {
     /// Its seccomp filters, as `--seccomp`: enforce (default), log or off.
     #[serde(default)]
     pub seccomp: Option<Spanned<String>>,
+    /// Exits a realtime VM leaves to the guest, as `--disable-exits` (default `hlt,pause`).
+    #[serde(default)]
+    pub disable_exits: Option<Spanned<String>>,
+    /// Exits left to the guest where the host offers them, as `--disable-exits-optional`
+    /// (default `mwait,cstate`).
+    #[serde(default)]
+    pub disable_exits_optional: Option<Spanned<String>>,
+    /// Halt polling in nanoseconds, as `--halt-poll-ns`.
+    #[serde(default)]
+    pub halt_poll_ns: Option<Spanned<u32>>,
 }
 
 impl VmSpec {
@@ -204,7 +214,8 @@ pub struct Config {
     pub channels: Vec<ChannelSpec>,
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` is a valid VM or channel name: 1-32 letters, digits, `-` or `_`.
+pub fn valid_name(s: &str) -> bool {
     (1..=32).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -285,6 +296,20 @@ impl Config {
             if let Some(s) = &vm.seccomp {
                 if let Err(e) = s.get_ref().parse::<tandem_sandbox::SeccompMode>() {
                     return Err(self.error(s.span(), format!("VM '{name}': seccomp {e}")));
+                }
+            }
+            if vm.role != Role::Realtime {
+                let given = [&vm.disable_exits, &vm.disable_exits_optional]
+                    .into_iter()
+                    .flatten()
+                    .find(|l| l.get_ref() != "none");
+                if let Some(l) = given {
+                    return Err(self.error(
+                        l.span(),
+                        format!(
+                            "VM '{name}': only a realtime VM can leave exits to the guest (its vCPUs need CPUs of their own)"
+                        ),
+                    ));
                 }
             }
             if !vm.jailed() {

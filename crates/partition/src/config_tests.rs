@@ -66,7 +66,7 @@ fn a_two_partition_config_parses_and_validates() {
 fn unknown_keys_and_bad_values_name_their_line() {
     assert_eq!(
         err("[[vm]]\nname = \"a\"\nkernel = \"/k\"\nmemory = \"1G\"\ncpus = [0]\ncolour = \"red\"\n"),
-        "p.toml:6: unknown field `colour`, expected one of `name`, `role`, `kernel`, `initrd`, `cmdline`, `memory`, `cpus`, `disks`, `net`, `forwards`, `restart`, `lock_memory`, `hugepages`, `jail`, `uid`, `gid`, `seccomp`"
+        "p.toml:6: unknown field `colour`, expected one of `name`, `role`, `kernel`, `initrd`, `cmdline`, `memory`, `cpus`, `disks`, `net`, `forwards`, `restart`, `lock_memory`, `hugepages`, `jail`, `uid`, `gid`, `seccomp`, `disable_exits`, `disable_exits_optional`, `halt_poll_ns`"
     );
     let e = err(
         "[[vm]]\nname = \"a\"\nkernel = \"/k\"\nmemory = \"1G\"\ncpus = [0]\nrole = \"fast\"\n",
@@ -174,4 +174,29 @@ fn sandbox_keys_are_checked_with_their_line() {
     );
     let c = check(&format!("{vm}uid = 1000\ngid = 100\nseccomp = \"log\"\n")).unwrap();
     assert!(c.vms[0].jailed());
+}
+
+#[test]
+fn only_a_realtime_vm_leaves_exits_to_the_guest() {
+    let general = TWO.replace(
+        "restart = \"always\"",
+        "restart = \"always\"\ndisable_exits = \"hlt\"",
+    );
+    assert_eq!(
+        err(&general),
+        "p.toml:21: VM 'ui': only a realtime VM can leave exits to the guest (its vCPUs need CPUs of their own)"
+    );
+    // Saying none is always allowed, and a realtime VM may choose its own.
+    let none = TWO.replace(
+        "restart = \"always\"",
+        "restart = \"always\"\ndisable_exits_optional = \"none\"",
+    );
+    assert!(check(&none).is_ok());
+    let rt = TWO.replace(
+        "lock_memory = true",
+        "lock_memory = true\ndisable_exits = \"pause\"\nhalt_poll_ns = 0",
+    );
+    let c = check(&rt).unwrap();
+    assert_eq!(c.vms[0].disable_exits.as_ref().unwrap().get_ref(), "pause");
+    assert_eq!(*c.vms[0].halt_poll_ns.as_ref().unwrap().get_ref(), 0);
 }

@@ -42,6 +42,12 @@ pub struct ChannelPlan {
     pub size: u64,
 }
 
+/// Where VM `name` of the `tandem up` in `state_dir` serves its exit accounting
+/// (`tandem stats NAME`).
+pub fn stats_socket(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(format!("stats-{name}.sock"))
+}
+
 fn list(cpus: &[u32]) -> String {
     cpus.iter()
         .map(u32::to_string)
@@ -98,6 +104,8 @@ pub fn plan(
                 list(&cpus),
                 "--serial".into(),
                 "stdio".into(),
+                "--stats-socket".into(),
+                stats_socket(state_dir, name).display().to_string(),
             ]);
             if vm.role == Role::Realtime {
                 a.push("--realtime".into());
@@ -122,6 +130,15 @@ pub fn plan(
             }
             if let Some(s) = &vm.seccomp {
                 a.extend(["--seccomp".into(), s.get_ref().clone()]);
+            }
+            if let Some(l) = &vm.disable_exits {
+                a.extend(["--disable-exits".into(), l.get_ref().clone()]);
+            }
+            if let Some(l) = &vm.disable_exits_optional {
+                a.extend(["--disable-exits-optional".into(), l.get_ref().clone()]);
+            }
+            if let Some(ns) = &vm.halt_poll_ns {
+                a.extend(["--halt-poll-ns".into(), ns.get_ref().to_string()]);
             }
             let jail = jails.filter(|_| vm.jailed()).map(|j| j.join(name));
             if let Some(dir) = &jail {
@@ -193,6 +210,9 @@ cmdline = "console=ttyS0 quiet"
 memory = "256M"
 cpus = [3]
 lock_memory = true
+disable_exits = "hlt"
+disable_exits_optional = "none"
+halt_poll_ns = 0
 
 [[vm]]
 name = "gp"
@@ -224,13 +244,15 @@ members = ["gp", "rt"]
         assert_eq!(
             vms[0].args.join(" "),
             "run --kernel /k-rt --initrd /i --cmdline console=ttyS0 quiet --memory 262144K \
-             --pin-cpus 3 --serial stdio --realtime --housekeeping-cpus 0,1,2 --lock-memory \
+             --pin-cpus 3 --serial stdio --stats-socket /run/t/stats-rt.sock --realtime \
+             --housekeeping-cpus 0,1,2 --lock-memory --disable-exits hlt \
+             --disable-exits-optional none --halt-poll-ns 0 \
              --channel path=/run/t/channel-c,size=1024K,id=1,doorbells=7/8"
         );
         assert_eq!(
             vms[1].args.join(" "),
             "run --kernel /k --memory 1048576K --pin-cpus 0,1 --serial stdio \
-             --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on \
+             --stats-socket /run/t/stats-gp.sock --housekeeping-cpus 0,1,2 --hugepages --disk path=/d.img,readonly=on \
              --net user,host-loopback=off --forward tcp:2222:22 --channel path=/run/t/channel-c,size=1024K,id=0,doorbells=7/8"
         );
     }

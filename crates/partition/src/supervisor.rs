@@ -360,6 +360,9 @@ impl Supervisor {
         }
         let status = self.supervise(&mut vms, &rx, &tx);
         let _ = std::fs::remove_file(&socket);
+        for vm in &self.vms {
+            let _ = std::fs::remove_file(crate::plan::stats_socket(&self.state_dir, &vm.name));
+        }
         for c in &self.channels {
             let _ = std::fs::remove_file(&c.path);
         }

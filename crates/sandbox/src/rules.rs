@@ -144,6 +144,12 @@ fn vmm() -> Result<Rules, SandboxError> {
             &[libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF],
         )?,
     );
+    // The stats socket (tandem run --stats-socket): accepting a client (accept4, non-blocking),
+    // reading KVM's statistics (pread64 on the VM's and vCPUs' stats descriptors) and sending
+    // the snapshot (send is sendto, MSG_NOSIGNAL|MSG_DONTWAIT).
+    r.insert(libc::SYS_accept4, vec![]);
+    r.insert(libc::SYS_pread64, vec![]);
+    r.insert(libc::SYS_sendto, vec![]);
     // thread::sleep between vCPU kicks (glibc's nanosleep is clock_nanosleep).
     r.insert(libc::SYS_clock_nanosleep, vec![]);
     #[cfg(target_arch = "x86_64")]

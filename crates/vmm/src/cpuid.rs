@@ -10,6 +10,10 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
+const LEAF_EXT_POWER: u32 = 0x8000_0007;
+
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -84,6 +88,22 @@ pub fn patch(entries: &mut [kvm_cpuid_entry2], apic_id: u32, nr_vcpus: u32) {
             _ => {}
         }
     }
+}
+
+/// Announces the LAPIC timer's TSC-deadline mode, which KVM emulates with an in-kernel irqchip
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`) but leaves out of `KVM_GET_SUPPORTED_CPUID`: arming the timer
+/// is then one MSR write that KVM handles in the kernel, and deadlines are absolute.
+pub fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
+        e.ecx |= ECX_TSC_DEADLINE;
+    }
+}
+
+/// Whether the guest is told its TSC is invariant (KVM passes the host's bit on).
+pub fn has_invariant_tsc(entries: &[kvm_cpuid_entry2]) -> bool {
+    entries
+        .iter()
+        .any(|e| e.function == LEAF_EXT_POWER && e.edx & EDX_INVARIANT_TSC != 0)
 }
 
 #[cfg(test)]
@@ -171,6 +191,19 @@ mod tests {
             );
             assert_eq!(find(&v, LEAF_EXT_ADDR_SIZES, 0).ecx & 0xff, n - 1);
         }
+    }
+
+    #[test]
+    fn tsc_deadline_is_announced_and_invariant_tsc_read() {
+        let mut v = host();
+        assert_eq!(find(&v, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+        set_tsc_deadline(&mut v);
+        assert_ne!(find(&v, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+        assert!(!has_invariant_tsc(&v));
+        let mut power = entry(LEAF_EXT_POWER, 0);
+        power.edx = EDX_INVARIANT_TSC;
+        v.push(power);
+        assert!(has_invariant_tsc(&v));
     }
 
     #[test]

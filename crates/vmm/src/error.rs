@@ -87,6 +87,9 @@ pub enum VmError {
     /// The placement (pinning, scheduling, memory backing) cannot be applied.
     #[error(transparent)]
     Placement(#[from] crate::placement::PlacementError),
+    /// A realtime setting the host refuses.
+    #[error(transparent)]
+    Realtime(#[from] crate::realtime::RealtimeError),
     /// An inter-VM channel could not be attached.
     #[error(transparent)]
     Channel(#[from] crate::pci::ChannelError),
@@ -99,6 +102,9 @@ pub enum VmError {
     /// The jail could not be entered.
     #[error(transparent)]
     Jail(#[from] tandem_sandbox::jail::JailError),
+    /// The stats socket could not be set up.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::server::ServeError),
     /// Two devices claimed the same addresses.
     #[error("device bus: {0}")]
     Bus(#[from] vm_device::bus::Error),
@@ -131,7 +137,9 @@ impl VmError {
             | VmError::Channel(_)
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_) => true,
+            VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),
+            VmError::Stats(e) => e.is_user_error(),
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -1,5 +1,5 @@
-//! The VMM thread's event loop: host stdin to the serial or virtio console, the guest's power events, and
-//! termination signals.
+//! The VMM thread's event loop: host stdin to the serial or virtio console, the guest's power events,
+//! termination signals, and the stats socket's clients.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,6 +16,7 @@ const TOK_POWEROFF: u64 = 1;
 const TOK_RESET: u64 = 2;
 const TOK_VCPU: u64 = 3;
 const TOK_SIGNAL: u64 = 4;
+const TOK_STATS: u64 = 5;
 /// Ctrl-A, then 'x', quits (as in QEMU) when stdin is a raw terminal.
 const ESCAPE: u8 = 0x01;
 /// Host input held back while the guest's receive FIFO is full.
@@ -37,6 +38,11 @@ pub struct EventSources<'a> {
     pub stdin: bool,
     /// Whether the Ctrl-A x escape is active.
     pub escape: bool,
+    /// The stats socket and what it reports, if there is one.
+    pub stats: Option<(
+        &'a mut crate::stats::server::StatsServer,
+        &'a crate::stats::Collector,
+    )>,
 }
 
 /// A console that takes host input.
@@ -86,7 +92,7 @@ struct Stdin {
 }
 
 /// Runs until the guest stops.
-pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
+pub fn run(mut src: EventSources<'_>) -> Result<LoopEnd, VmError> {
     let epoll = Epoll::new().map_err(VmError::Device)?;
     let add = |fd: i32, tok: u64| {
         epoll.ctl(
@@ -99,6 +105,9 @@ pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
     add(src.reset.as_raw_fd(), TOK_RESET).map_err(VmError::Device)?;
     add(src.vcpu_done.as_raw_fd(), TOK_VCPU).map_err(VmError::Device)?;
     add(src.signals.as_raw_fd(), TOK_SIGNAL).map_err(VmError::Device)?;
+    if let Some((server, _)) = &src.stats {
+        add(server.as_raw_fd(), TOK_STATS).map_err(VmError::Device)?;
+    }
     // Regular files and /dev/null cannot be polled: then there is simply no input.
     let mut stdin = Stdin {
         pending: Vec::new(),
@@ -122,6 +131,11 @@ pub fn run(src: EventSources<'_>) -> Result<LoopEnd, VmError> {
                 TOK_SIGNAL => {
                     if let Some(sig) = src.signals.read() {
                         return Ok(LoopEnd::Signal(sig));
+                    }
+                }
+                TOK_STATS => {
+                    if let Some((server, collector)) = src.stats.as_mut() {
+                        server.serve(collector);
                     }
                 }
                 TOK_STDIN => {

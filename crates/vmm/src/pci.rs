@@ -334,7 +334,7 @@ impl PciDevices {
                 .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        bus.add_mmio_shared(bar, virtio_pci::BAR_SIZE, transport.clone())?;
+        bus.add_mmio_shared(name, bar, virtio_pci::BAR_SIZE, transport.clone())?;
         let slot = self
             .root
             .plug(transport.clone())
@@ -383,7 +383,12 @@ impl PciDevices {
         let dev = Ivshmem::new(channel.peer_id, regs, shm, channel.size, doorbell)
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
         let dev = Arc::new(Mutex::new(dev));
-        bus.add_mmio_shared(regs, REGS_SIZE, dev.clone())?;
+        let name = channel
+            .path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        bus.add_mmio_shared(&name, regs, REGS_SIZE, dev.clone())?;
         let slot = self
             .root
             .plug(dev.clone())
@@ -425,7 +430,7 @@ impl PciDevices {
 
     /// Puts the root's configuration ports on `bus`; returns the mappings to keep alive.
     pub fn finish(self, bus: &mut DeviceBus) -> Result<Vec<Arc<MmapRegion>>, VmError> {
-        bus.add_pio(CONFIG_PORT, CONFIG_PORTS, self.root)?;
+        bus.add_pio("pci-config", CONFIG_PORT, CONFIG_PORTS, self.root)?;
         Ok(self.mappings)
     }
 }

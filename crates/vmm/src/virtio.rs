@@ -70,7 +70,7 @@ impl VirtioDevices {
             .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        bus.add_mmio_shared(slot.addr, slot.len, transport.clone())?;
+        bus.add_mmio_shared(name, slot.addr, slot.len, transport.clone())?;
         tracing::info!("{name}: virtio-mmio at {:#x}, GSI {}", slot.addr, slot.gsi);
         self.slots.push(slot);
         self.subscribers.push(transport);

@@ -81,11 +81,15 @@ pub struct VmConfig {
     pub virtio_transport: VirtioTransport,
     /// CPU pinning, scheduling and memory backing.
     pub placement: crate::placement::Placement,
+    /// The exits a realtime VM leaves to the guest, and its halt polling.
+    pub exits: crate::realtime::ExitPolicy,
     /// The per-thread seccomp filters.
     pub sandbox: tandem_sandbox::SandboxConfig,
     /// The jail the process enters once its privileged setup is done (`None`: none). The
     /// caller has closed inherited descriptors and forked into a PID namespace already.
     pub jail: Option<tandem_sandbox::jail::JailConfig>,
+    /// Where the VM serves its exit accounting (`None`: nowhere; see [`crate::stats`]).
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// The transport of the VM's virtio devices.
@@ -224,6 +228,9 @@ pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
             min: layout::MIN_MEMORY,
         });
     }
+    cfg.exits
+        .check(cfg.placement.realtime, !cfg.placement.pin.is_empty())?;
+    crate::realtime::decide(&cfg.exits, &crate::realtime::HostOffer::probe(kvm))?;
     boot::probe_kernel(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
         File::open(initrd).map_err(|source| boot::BootError::InitrdRead {
@@ -252,6 +259,9 @@ pub fn validate_devices(cfg: &VmConfig) -> Result<(), VmError> {
         c.open()?;
     }
     crate::pci::check_channels(&cfg.channels)?;
+    if let Some(path) = &cfg.stats_socket {
+        crate::stats::server::check(path)?;
+    }
     match &cfg.net {
         // Bound and released at once: a port in use fails here, before the guest starts.
         Some(NetConfig::User(u)) => drop(tandem_net::user::UserNet::new(u)?),
@@ -315,13 +325,27 @@ fn configure_vcpu(
     kvm: &Kvm,
     fd: &VcpuFd,
     index: u8,
-    count: u8,
+    cfg: &VmConfig,
     entry: Entry,
 ) -> Result<(), VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    cpuid::patch(cpuid.as_mut_slice(), index.into(), count.into());
+    cpuid::patch(cpuid.as_mut_slice(), index.into(), cfg.vcpus.into());
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    if tsc_deadline {
+        cpuid::set_tsc_deadline(cpuid.as_mut_slice());
+    }
+    if cfg.placement.realtime && index == 0 {
+        if !tsc_deadline {
+            tracing::warn!("realtime: this host's KVM has no TSC-deadline timer for the guest");
+        }
+        if !cpuid::has_invariant_tsc(cpuid.as_slice()) {
+            tracing::warn!(
+                "realtime: the host's TSC is not invariant, so the guest is not told it is"
+            );
+        }
+    }
     fd.set_cpuid2(&cpuid)
         .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
     let msrs = Msrs::from_entries(&regs::boot_msrs())
@@ -443,45 +467,6 @@ fn dont_fork(mem: &GuestMemoryMmap) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The signal that interrupts `KVM_RUN` so a vCPU thread sees its stop request.
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs a no-op handler for the kick signal: its only job is to make `KVM_RUN` return EINTR.
-fn register_kick_handler() -> Result<(), VmError> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| VmError::Device(io::Error::from_raw_os_error(e.errno())))
-}
-
-/// Asks every vCPU to stop and interrupts its `KVM_RUN` until it has (kicks repeat, as a kick can
-/// land just before the thread enters the guest). Gives up after half a second.
-fn stop_vcpus(handles: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
-    use vmm_sys_util::signal::Killable;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-    while std::time::Instant::now() < deadline {
-        let running: Vec<&thread::JoinHandle<()>> =
-            handles.iter().filter(|h| !h.is_finished()).collect();
-        if running.is_empty() {
-            break;
-        }
-        for h in running {
-            let _ = h.kill(kick_signal());
-        }
-        thread::sleep(std::time::Duration::from_millis(2));
-    }
-    for h in handles {
-        if h.is_finished() {
-            let _ = h.join();
-        } else {
-            tracing::warn!("a vCPU thread did not stop in time");
-        }
-    }
-}
-
 /// What the VM still needs from the host once jailed: host sockets for user networking that
 /// may go out (a restricted one only accepts on listeners bound already), and the vCPUs'
 /// SCHED_FIFO priority.
@@ -521,6 +506,22 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         disks.push(tandem_virtio::Block::open(d)?);
     }
     let vm = Arc::new(kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?);
+    // Before any vCPU exists: KVM refuses exit changes after the first.
+    let exits = crate::realtime::decide(&cfg.exits, &crate::realtime::HostOffer::probe(&kvm))?;
+    for w in &exits.warnings {
+        tracing::warn!("{w}");
+    }
+    crate::realtime::apply(&vm, &exits)?;
+    if cfg.placement.realtime {
+        tracing::info!("realtime: {}", exits.describe());
+    }
+    // Exit accounting; `settings` is what each snapshot shows of the settings in force.
+    let mut settings: std::collections::BTreeMap<String, String> =
+        [("placement".to_string(), cfg.placement.describe())].into();
+    if cfg.placement.realtime {
+        settings.insert("realtime".into(), exits.describe());
+    }
+    let mut stats = crate::stats::Collector::new(vm.as_ref(), settings);
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -553,16 +554,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     .notify_panic_end(reset.try_clone().map_err(VmError::Device)?);
     let mut bus = DeviceBus::new();
     let serial = bus.add_pio(
+        "serial",
         COM1_BASE,
         UART_PORTS,
         SerialDevice::new(serial_irq, console),
     )?;
     bus.add_pio(
+        "i8042",
         I8042_BASE,
         I8042_PORTS,
         I8042::new(reset.try_clone().map_err(VmError::Device)?),
     )?;
     bus.add_pio(
+        "acpi-pm",
         ACPI_PM_PORT,
         1,
         AcpiPmDevice::new(
@@ -650,6 +654,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         }
     }
     let entry = load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
+    let mut stats_server = cfg
+        .stats_socket
+        .as_deref()
+        .map(crate::stats::server::StatsServer::bind)
+        .transpose()?;
     // Everything that needs privilege or the host's files is done: the jail, then threads.
     if let Some(jail) = &cfg.jail {
         tandem_sandbox::jail::enter(jail, jail_needs(cfg))?;
@@ -660,19 +669,23 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
     let io_thread = virtio.start(sandbox.clone())?;
     let bus = Arc::new(bus);
+    stats.set_bus(bus.clone());
 
     // vCPUs.
     let vcpu_done = EventFdTrigger::new().map_err(VmError::Device)?;
     let reports: Arc<Mutex<Vec<VcpuReport>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    register_kick_handler()?;
+    let finished = Arc::new(crate::kick::VcpusFinished::default());
+    crate::kick::register_handler().map_err(VmError::Device)?;
     let mut handles = Vec::with_capacity(cfg.vcpus.into());
     for index in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(index.into())
             .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-        configure_vcpu(&kvm, &fd, index, cfg.vcpus, entry)?;
+        configure_vcpu(&kvm, &fd, index, cfg, entry)?;
+        stats.add_vcpu(index.into(), &fd);
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
+        let finished = finished.clone();
         let placement = cfg.placement.clone();
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
         // Guest RAM must outlive every vCPU: `run` returns while vCPU threads may still be in
@@ -689,9 +702,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 sandbox.apply_or_exit(ThreadKind::Vcpu);
                 let mut vcpu = KvmVcpu::new(fd);
                 let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
+                drop(vcpu);
                 if let Ok(mut r) = reports.lock() {
                     r.push(report);
                 }
+                finished.one_more();
                 let _ = done.write(1);
             })
             .map_err(VmError::Device)?;
@@ -713,9 +728,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         },
         stdin: cfg.stdin,
         escape: cfg.escape,
+        stats: stats_server.as_mut().map(|s| (s, &stats)),
     })?;
     tracing::info!("guest stopped: {event:?}");
-    stop_vcpus(handles, &stop);
+    crate::kick::stop_vcpus(handles, &stop, &finished);
     if let Some(io) = io_thread {
         io.stop();
     }
