@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use common::{case, rtref_guest, run_script_with, Case};
 use tandem_rtref::shm::{Figures, RECORD_SIZE, STATE_DONE};
+use tandem_vmm::stats::Snapshot;
 
 type Session = (HashMap<String, Case>, String);
 
@@ -32,6 +33,24 @@ for run in short:1 long:2; do
   run_case $r $RT --serial file:/tmp/$r.console --cmdline "period_us=2000 duration_s=${{run#*:}}"
   record $r-console cat /tmp/$r.console
   record $r-bytes wc -c /tmp/$r.console
+done
+# tandem stats twice during a 10 s run (after the start line, before the done line), without
+# and with the realtime settings (HLT left to the guest).
+wait_for() {{ i=0; while [ $i -lt 240 ] && ! grep -q "$1" "$2"; do sleep 0.5; i=$((i+1)); done; }}
+for mode in plain realtime; do
+  X=""; [ $mode = realtime ] && X="--realtime --pin-cpus 1"
+  tandem run $RT $X --stats-socket /tmp/$mode.sock --serial file:/tmp/$mode.console \
+    --cmdline 'period_us=1000 duration_s=10' </dev/null >/tmp/$mode.out 2>&1 &
+  vm=$!
+  wait_for "rtref: start" /tmp/$mode.console
+  record $mode-before tandem stats --socket /tmp/$mode.sock --json
+  sleep 2
+  record $mode-after tandem stats --socket /tmp/$mode.sock --json
+  record $mode-done-yet grep -c "rtref: done" /tmp/$mode.console
+  wait $vm
+  echo "status=$?" >>/tmp/$mode.out
+  record $mode-run cat /tmp/$mode.out
+  record $mode-console cat /tmp/$mode.console
 done
 "#
         );
@@ -224,5 +243,87 @@ fn the_periodic_task_causes_no_exit_to_user_space() {
         fixed[0].0, fixed[1].0,
         "500 more ticks must add no exit to user space besides the console's:\n{}\n{}",
         fixed[0].1, fixed[1].1
+    );
+}
+
+fn snapshot(c: &Case) -> Snapshot {
+    assert_eq!(c.rc, 0, "tandem stats:\n{}", c.output);
+    serde_json::from_str(c.output.trim()).unwrap_or_else(|e| panic!("{e}:\n{}", c.output))
+}
+
+/// A KVM counter of vCPU 0: how much it grew from `a` to `b`.
+fn kvm_delta(a: &Snapshot, b: &Snapshot, name: &str) -> u64 {
+    let get = |s: &Snapshot| {
+        *s.vcpus[0]
+            .kvm
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}: {s:?}"))
+    };
+    get(b) - get(a)
+}
+
+/// Exits to tandem's user space, all devices: how much they grew from `a` to `b`.
+fn user_space_delta(a: &Snapshot, b: &Snapshot) -> u64 {
+    let sum = |s: &Snapshot| s.devices.iter().map(|d| d.reads + d.writes).sum::<u64>();
+    sum(b) - sum(a)
+}
+
+/// The two snapshots of `mode`'s run, taken while its periodic task ran; its report checked.
+fn mid_run(mode: &str) -> (Snapshot, Snapshot) {
+    let (cases, all) = session();
+    let run = case(cases, all, &format!("{mode}-run"));
+    assert!(run.output.contains("status=0"), "{}", run.output);
+    let console = Case {
+        rc: 0,
+        ..case(cases, all, &format!("{mode}-console")).clone()
+    };
+    check_report(&console, 10_000, 1_000_000);
+    let done_yet = case(cases, all, &format!("{mode}-done-yet"));
+    assert_eq!(
+        done_yet.output.trim(),
+        "0",
+        "the run ended before the second snapshot:\n{}",
+        console.output
+    );
+    let before = snapshot(case(cases, all, &format!("{mode}-before")));
+    let after = snapshot(case(cases, all, &format!("{mode}-after")));
+    assert!(after.kvm_available, "{:?}", after.kvm_error);
+    // Ticks happened between the snapshots: each is one timer interrupt injected.
+    assert!(
+        kvm_delta(&before, &after, "irq_injections") > 0,
+        "{before:?}\n{after:?}"
+    );
+    (before, after)
+}
+
+#[test]
+fn tandem_stats_sees_no_user_space_exit_during_the_periodic_task() {
+    for mode in ["plain", "realtime"] {
+        let (before, after) = mid_run(mode);
+        assert_eq!(
+            user_space_delta(&before, &after),
+            0,
+            "{mode}: exits to tandem between two snapshots of the periodic task:\n{before:?}\n{after:?}"
+        );
+    }
+}
+
+#[test]
+fn hlt_exits_only_without_the_realtime_settings() {
+    let (before, after) = mid_run("plain");
+    assert!(
+        kvm_delta(&before, &after, "halt_exits") > 0,
+        "the guest sleeps in hlt between ticks, which exits by default:\n{before:?}\n{after:?}"
+    );
+    let (before, after) = mid_run("realtime");
+    assert!(
+        after.settings.values().any(|v| v.contains("hlt")),
+        "the realtime settings leave HLT to the guest: {:?}",
+        after.settings
+    );
+    assert_eq!(
+        kvm_delta(&before, &after, "halt_exits"),
+        0,
+        "with HLT left to the guest, its hlt between ticks stays in guest mode:\n{before:?}\n{after:?}"
     );
 }
