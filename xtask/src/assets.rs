@@ -17,9 +17,12 @@ pub const GUEST_INIT: &str = include_str!("guest_init.sh");
 pub const UDHCPC_SCRIPT: &str = include_str!("udhcpc.script");
 /// Modules the test host loads, with their dependencies (in load order): KVM; `dummy`, `tun`
 /// and `veth` for network tests and benchmarks that need a routable interface, a TAP device or
-/// a second network namespace; and nftables with NAT for port forwarding over TAP.
+/// a second network namespace; nftables with NAT for port forwarding over TAP; and virtio-net
+/// for the network card `--forward` gives the test host.
 const KVM_MODULES: &[&str] = &[
     "kvm_amd",
+    "virtio_pci",
+    "virtio_net",
     "dummy",
     "tun",
     "veth",

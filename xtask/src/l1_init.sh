@@ -19,6 +19,12 @@ fi
 for m in $(cat /etc/testbed/modules); do
 	insmod "/$m" || echo "testbed: insmod /$m failed" >&2
 done
+if [ -e /sys/class/net/eth0 ]; then
+	# --forward: QEMU's user-mode network, reached from this machine's loopback.
+	ip link set eth0 up
+	ip addr add 10.0.2.15/24 dev eth0
+	ip route add default via 10.0.2.2
+fi
 if [ ! -c /dev/kvm ]; then
 	echo "testbed: error: /dev/kvm is missing in the test host (kvm-amd did not load: no SVM in the emulated CPU?)" >&2
 fi

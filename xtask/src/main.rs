@@ -34,6 +34,8 @@ options:
                             carry a file or directory in (default GUESTPATH: HOSTPATH made
                             absolute); may be repeated
   --timeout SECS            stop the test host after SECS seconds (default 900)
+  --forward HOSTPORT:PORT   forward 127.0.0.1:HOSTPORT on this machine to PORT of the test host
+                            (which then has eth0, 10.0.2.15/24, gateway 10.0.2.2); repeatable
   --no-build                use target/release/tandem and the RT guest as they are
   -h, --help                this text
 
@@ -101,6 +103,7 @@ fn parse_testbed(args: &[String]) -> Result<Option<testbed::Options>, String> {
         with: Vec::new(),
         timeout: 900,
         no_build: false,
+        forwards: Vec::new(),
         cmd: Vec::new(),
     };
     let mut it = args.iter();
@@ -146,6 +149,7 @@ fn parse_testbed(args: &[String]) -> Result<Option<testbed::Options>, String> {
                     .ok_or(format!("--timeout {v:?}: not a number of seconds"))?;
             }
             "--with" => opts.with.push(parse_with(&value()?)?),
+            "--forward" => opts.forwards.push(parse_port_pair(&value()?)?),
             f if f.starts_with('-') && opts.cmd.is_empty() => {
                 return Err(format!("unknown option {f}"))
             }
@@ -172,6 +176,15 @@ fn parse_mem(v: &str) -> Result<String, String> {
         Ok(v.to_string())
     } else {
         Err(format!("--mem {v:?}: expected a size like 2G or 2048M"))
+    }
+}
+
+/// Parses `HOSTPORT:GUESTPORT` of `--forward`.
+fn parse_port_pair(v: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0);
+    match v.split_once(':').map(|(h, g)| (port(h), port(g))) {
+        Some((Some(h), Some(g))) => Ok((h, g)),
+        _ => Err(format!("--forward {v:?}: expected HOSTPORT:GUESTPORT")),
     }
 }
 

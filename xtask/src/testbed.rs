@@ -36,6 +36,9 @@ pub struct Options {
     pub timeout: u64,
     /// Skip `cargo build --release -p tandem` and the reference RT guest's build.
     pub no_build: bool,
+    /// TCP ports of this machine's loopback forwarded to ports of the test host (which then
+    /// has a network card, eth0 at 10.0.2.15).
+    pub forwards: Vec<(u16, u16)>,
     /// The command and its arguments.
     pub cmd: Vec<String>,
 }
@@ -82,6 +85,19 @@ pub fn run(opts: &Options) -> Result<i32, String> {
     result
 }
 
+/// QEMU's `-nic` for the test host: none, or user-mode networking carrying `forwards` from this
+/// machine's loopback in.
+fn nic(forwards: &[(u16, u16)]) -> String {
+    if forwards.is_empty() {
+        return "none".into();
+    }
+    let mut nic = String::from("user,model=virtio-net-pci");
+    for (host, guest) in forwards {
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    nic
+}
+
 /// Builds this run's initramfs, boots the test host and reports how the command ended.
 fn boot(
     opts: &Options,
@@ -98,9 +114,9 @@ fn boot(
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(
-        "-accel tcg -cpu max -nodefaults -display none -no-reboot -monitor none -nic none"
-            .split(' '),
+        "-accel tcg -cpu max -nodefaults -display none -no-reboot -monitor none".split(' '),
     )
+    .args(["-nic", &nic(&opts.forwards)])
     .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
     .arg("-kernel")
     .arg(assets.l1_kernel())

@@ -68,7 +68,7 @@ const KVM_ROWS: &[&str] = &[
 ];
 
 #[derive(Debug)]
-enum StatsError {
+pub(crate) enum StatsError {
     /// Nothing answers at the path: status 2.
     Unreachable(PathBuf, std::io::Error),
     /// Something answered, but not with a snapshot: status 1.
@@ -97,7 +97,7 @@ fn fail(e: StatsError) -> ExitCode {
 }
 
 /// One snapshot from the socket at `path`.
-fn sample(path: &Path) -> Result<Snapshot, StatsError> {
+pub(crate) fn sample(path: &Path) -> Result<Snapshot, StatsError> {
     let unreachable = |e| StatsError::Unreachable(path.to_path_buf(), e);
     let stream = UnixStream::connect(path).map_err(unreachable)?;
     stream

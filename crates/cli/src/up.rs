@@ -354,14 +354,34 @@ fn ask(state: &StateArgs, req: Request) -> Result<Response, ExitCode> {
     }
 }
 
-fn table(r: &Response) {
+/// The exits a running VM leaves to its guest, as the VM itself reports them on its stats
+/// socket (what is in force, not what the config asked for); `-` when it has none or does not
+/// answer.
+fn exits_in_guest(state: &StateArgs, name: &str) -> String {
+    let socket = tandem_partition::plan::stats_socket(&state.dir(), name);
+    crate::stats::sample(&socket)
+        .ok()
+        .and_then(|s| {
+            let rt = s.settings.get("realtime")?.clone();
+            let exits = rt.strip_prefix("exits left to the guest: ")?;
+            Some(exits.split(';').next().unwrap_or("none").to_string())
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn table(r: &Response, state: &StateArgs) {
     println!(
-        "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} LAST EXIT",
-        "NAME", "ROLE", "STATE", "PID", "RESTARTS", "CPUS", "POLICY", "LOCKED", "HUGE"
+        "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} {:<22} LAST EXIT",
+        "NAME", "ROLE", "STATE", "PID", "RESTARTS", "CPUS", "POLICY", "LOCKED", "HUGE", "IN GUEST"
     );
     for v in &r.vms {
+        let in_guest = if v.pid.is_some() {
+            exits_in_guest(state, &v.name)
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} {}",
+            "{:<16} {:<9} {:<20} {:>7} {:>8} {:<8} {:<14} {:<6} {:<5} {:<22} {}",
             v.name,
             v.role,
             v.state,
@@ -371,6 +391,7 @@ fn table(r: &Response) {
             v.policy,
             if v.locked { "yes" } else { "no" },
             if v.hugepages { "yes" } else { "no" },
+            in_guest,
             v.last_exit.as_deref().unwrap_or("-")
         );
     }
@@ -379,7 +400,7 @@ fn table(r: &Response) {
 pub fn ps(state: StateArgs) -> ExitCode {
     match ask(&state, Request::Ps) {
         Ok(r) => {
-            table(&r);
+            table(&r, &state);
             ExitCode::SUCCESS
         }
         Err(c) => c,

@@ -21,7 +21,7 @@ wait_ready /tmp/rt.log
 record threads sh -c "for t in /proc/$pid/task/*; do echo thread \$(cat \$t/comm) cpus=\$(grep Cpus_allowed_list \$t/status | cut -f2) policy=\$(awk '/^policy/ {{print \$3}}' \$t/sched); done; grep VmLck /proc/$pid/status"
 kill -TERM $pid
 wait $pid
-record rt-exits sh -c "echo status=$?; grep -E 'realtime|exits stay' /tmp/rt.err; grep rng= /tmp/rt.log"
+record rt-exits sh -c "echo status=$?; grep rng= /tmp/rt.log"
 echo 80 >/proc/sys/vm/nr_hugepages
 before=$(awk '/HugePages_Free/ {{print $2}}' /proc/meminfo)
 tandem run $BOOT --hugepages --serial file:/tmp/hp.log --cmdline '{guest}' </dev/null 2>/tmp/hp.err &
@@ -66,20 +66,9 @@ record huge-guest cat /tmp/hp.log /tmp/hp.err
         "guest memory locked:\n{}",
         t.output
     );
-    // A pinned realtime VM leaves HLT and PAUSE exits to the guest by default (the test host's
-    // KVM offers both), so an idle vCPU halts in the guest; a stop request still ends it.
+    // The realtime VM's vCPU halts in the guest (realtime.rs checks that with KVM's counts);
+    // a stop request still ends it, and it got no device it did not ask for.
     let e = case(&cases, &all, "rt-exits");
-    let line = e
-        .output
-        .lines()
-        .find_map(|l| l.split("realtime: exits left to the guest: ").nth(1))
-        .unwrap_or_else(|| panic!("no realtime line in the log:\n{}", e.output));
-    let exits: Vec<&str> = line.split(';').next().unwrap_or("").split(',').collect();
-    assert!(
-        exits.contains(&"hlt") && exits.contains(&"pause"),
-        "{}",
-        e.output
-    );
     assert!(
         e.output.contains("rng=") && !e.output.contains("rng=virtio"),
         "a realtime VM gets no entropy device unless it asks:\n{}",

@@ -130,10 +130,19 @@ record logs sh -c 'ls /tmp/st; grep -c tick /tmp/st/rt.log'
         rt_row.contains(" 1 ") && rt_row.contains("SCHED_FIFO 40") && rt_row.contains("yes"),
         "CPU 1, FIFO, locked:\n{ps}"
     );
+    // What the VM reports in force: the test host's KVM leaves at least HLT and PAUSE to it.
+    assert!(
+        rt_row.contains(" hlt,pause"),
+        "exits left to the guest:\n{ps}"
+    );
     let gp_row = row("gp ");
     assert!(
         gp_row.contains(" running ") && gp_row.contains("SCHED_OTHER"),
         "{ps}"
+    );
+    assert!(
+        !gp_row.contains("hlt"),
+        "a general VM keeps its exits:\n{ps}"
     );
     assert!(up.contains("supervisor-status=0"), "{up}");
     assert!(case(&cases, &all, "logs").output.contains("rt.log"));

@@ -4,6 +4,7 @@
 //! a fuzzer.
 #![deny(missing_docs)]
 
+mod ivshmem;
 mod net;
 mod pci;
 
@@ -20,6 +21,7 @@ use tandem_vmm::bus::DeviceBus;
 use tandem_vmm::exit::{handle_exit, IoBus};
 use tandem_vmm::hypervisor::VmExit;
 
+pub use ivshmem::ivshmem;
 pub use net::net_frames;
 pub use pci::virtio_pci;
 
@@ -242,6 +244,16 @@ mod tests {
         for data in inputs(5, 3000, 800) {
             virtio_pci(&data);
         }
+    }
+
+    #[test]
+    fn a_channel_function_takes_any_driver_behaviour() {
+        for data in inputs(7, 3000, 600) {
+            ivshmem(&data);
+        }
+        // The seed reaches MSI-X: enabled, the vector unmasked, masked, unmasked.
+        let seed = include_bytes!("../../../fuzz/seeds/ivshmem/msix-enable-unmask-mask");
+        assert_eq!(ivshmem(seed), 2);
     }
 
     #[test]

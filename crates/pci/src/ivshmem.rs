@@ -14,13 +14,22 @@
 //! BAR2 is plain guest memory (a KVM memory slot over the shared object), so data moves between
 //! VMs without any exit. Doorbells are served by KVM (an ioeventfd per peer and vector), not here:
 //! a doorbell write that reaches this model has no peer behind it and is dropped.
+//!
+//! With doorbells the function also has MSI-X (one vector, table and PBA in BAR1, as QEMU's
+//! `ivshmem-doorbell`). A guest that enables it gets each doorbell as a message signalled
+//! interrupt that KVM injects from the peer's ioeventfd through this VM's irqfd: nothing per
+//! interrupt passes through tandem or configuration space. A guest that leaves MSI-X off gets
+//! INTA, which drivers such as `uio_pci_generic` mask and unmask through the command register.
 
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 
+use std::sync::Arc;
+
 use crate::config::{
     Bar, BarKind, ConfigError, PciConfig, PciId, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT,
 };
+use crate::msix::{MsiRouter, Msix, Vector};
 use crate::root::PciDevice;
 
 /// Size of the register BAR.
@@ -41,9 +50,27 @@ pub const IVSHMEM_ID: PciId = PciId {
     subsystem: 0x1100,
 };
 
-/// Connects and disconnects the doorbell interrupt (the VMM's irqfd) as the guest enables and
-/// disables INTx in the command register.
-pub type IntxGate = Box<dyn FnMut(bool) + Send>;
+/// Size of the MSI-X BAR (BAR1): the table at 0, the PBA at [`MSIX_PBA`].
+pub const MSIX_BAR_SIZE: u64 = 4096;
+/// Offset of the pending-bit array in BAR1.
+pub const MSIX_PBA: u64 = 2048;
+
+/// Where this VM's doorbell interrupt goes: the irqfd of the doorbell eventfd is bound to the
+/// INTx line, to the MSI-X vector's GSI, or to nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoorbellRoute {
+    /// Not delivered (INTx disabled, or the MSI-X vector masked): doorbells stay pending in the
+    /// eventfd and arrive when a route opens again.
+    Off,
+    /// INTA.
+    Intx,
+    /// The MSI-X vector.
+    Msix,
+}
+
+/// Moves the doorbell interrupt (the VMM's irqfd) between INTx, MSI-X and nothing as the guest
+/// enables and masks them.
+pub type DoorbellGate = Box<dyn FnMut(DoorbellRoute) + Send>;
 
 /// An ivshmem function.
 pub struct Ivshmem {
@@ -52,9 +79,10 @@ pub struct Ivshmem {
     intr_mask: u32,
     intr_status: u32,
     doorbell: bool,
-    gate: Option<IntxGate>,
-    /// Whether INTx was enabled when the gate last heard of it.
-    intx_on: bool,
+    gate: Option<DoorbellGate>,
+    /// Where the gate last sent the doorbell interrupt.
+    route: DoorbellRoute,
+    msix: Option<(Msix, u64)>,
 }
 
 impl Ivshmem {
@@ -88,18 +116,83 @@ impl Ivshmem {
             intr_status: 0,
             doorbell,
             gate: None,
-            intx_on: true,
+            route: if doorbell {
+                DoorbellRoute::Intx
+            } else {
+                DoorbellRoute::Off
+            },
+            msix: None,
         };
         dev.update_status();
         Ok(dev)
     }
 
-    /// Calls `gate(false)` when the guest disables INTx and `gate(true)` when it enables it
-    /// again, so doorbells reach a guest only while it accepts them: a peer that rings
-    /// continuously cannot interrupt a guest that has turned the interrupt off. (INTx starts
-    /// enabled, as after reset.)
-    pub fn set_intx_gate(&mut self, gate: IntxGate) {
+    /// Gives a function with doorbells its MSI-X vector: `vector` is this VM's doorbell eventfd
+    /// and the GSI `router` keeps routed to what the guest programs; the table and PBA are BAR1
+    /// at `bar` (4 KiB).
+    pub fn add_msix(
+        &mut self,
+        bar: u64,
+        vector: Vector,
+        router: Arc<dyn MsiRouter>,
+    ) -> Result<(), ConfigError> {
+        self.config.add_bar(Bar {
+            index: 1,
+            kind: BarKind::Memory32,
+            addr: bar,
+            size: MSIX_BAR_SIZE,
+        })?;
+        let msix = Msix::new(
+            &mut self.config,
+            vec![vector],
+            router,
+            1,
+            0,
+            MSIX_PBA as u32,
+        )?;
+        self.msix = Some((msix, bar));
+        Ok(())
+    }
+
+    /// Calls `gate(route)` whenever the doorbell interrupt must go elsewhere: to INTx while
+    /// the guest has it enabled and MSI-X off, to the MSI-X vector while MSI-X is on and the
+    /// vector unmasked, else nowhere. So doorbells reach a guest only while it accepts them: a
+    /// peer that rings continuously cannot interrupt a guest that has turned the interrupt
+    /// off. (The route starts at INTx, as after reset.)
+    pub fn set_doorbell_gate(&mut self, gate: DoorbellGate) {
         self.gate = Some(gate);
+    }
+
+    /// Where the doorbell interrupt must go now.
+    fn wanted_route(&self) -> DoorbellRoute {
+        if !self.doorbell {
+            return DoorbellRoute::Off;
+        }
+        if let Some((msix, _)) = &self.msix {
+            let v = msix.vectors();
+            if v.enabled() {
+                return if v.deliverable(0) {
+                    DoorbellRoute::Msix
+                } else {
+                    DoorbellRoute::Off
+                };
+            }
+        }
+        if self.config.command() & COMMAND_INTX_DISABLE == 0 {
+            DoorbellRoute::Intx
+        } else {
+            DoorbellRoute::Off
+        }
+    }
+
+    fn update_route(&mut self) {
+        let wanted = self.wanted_route();
+        if wanted != self.route {
+            self.route = wanted;
+            if let Some(gate) = self.gate.as_mut() {
+                gate(wanted);
+            }
+        }
     }
 
     /// The interrupt-status bit of the PCI status register. Doorbells reach the guest through
@@ -109,13 +202,34 @@ impl Ivshmem {
     /// space unmasks it before it waits again); a spurious interrupt then counts as an event,
     /// which such drivers' users must tolerate anyway.
     fn update_status(&mut self) {
-        let enabled = self.config.command() & COMMAND_INTX_DISABLE == 0;
+        if let Some((msix, _)) = &self.msix {
+            msix.config_written(&self.config);
+        }
+        let intx = self.config.command() & COMMAND_INTX_DISABLE == 0
+            && !self
+                .msix
+                .as_ref()
+                .is_some_and(|(m, _)| m.vectors().enabled());
         self.config
-            .set_device_bits(STATUS, STATUS_INTERRUPT as u8, self.doorbell && enabled);
-        if enabled != self.intx_on {
-            self.intx_on = enabled;
-            if let Some(gate) = self.gate.as_mut() {
-                gate(enabled);
+            .set_device_bits(STATUS, STATUS_INTERRUPT as u8, self.doorbell && intx);
+        self.update_route();
+    }
+
+    /// A read of BAR1 (the MSI-X table and PBA).
+    fn read_msix(&mut self, offset: u64, data: &mut [u8]) {
+        match &self.msix {
+            Some((m, _)) if offset < MSIX_PBA => m.read_table(offset, data),
+            Some((m, _)) if offset < MSIX_BAR_SIZE => m.read_pba(offset - MSIX_PBA, data),
+            _ => data.fill(0),
+        }
+    }
+
+    /// A write of BAR1: only the table is writable.
+    fn write_msix(&mut self, offset: u64, data: &[u8]) {
+        if let Some((m, _)) = &self.msix {
+            if offset < MSIX_PBA {
+                m.write_table(offset, data);
+                self.update_route();
             }
         }
     }
@@ -165,12 +279,21 @@ impl PciDevice for Ivshmem {
     }
 }
 
+/// BAR0 and BAR1 are two ranges on the MMIO bus, both served here: `base` says which.
 impl MutDeviceMmio for Ivshmem {
-    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        self.read_reg(offset, data);
+    fn mmio_read(&mut self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        if self.msix.as_ref().is_some_and(|(_, bar)| base.0 == *bar) {
+            self.read_msix(offset, data);
+        } else {
+            self.read_reg(offset, data);
+        }
     }
-    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        self.write_reg(offset, data);
+    fn mmio_write(&mut self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if self.msix.as_ref().is_some_and(|(_, bar)| base.0 == *bar) {
+            self.write_msix(offset, data);
+        } else {
+            self.write_reg(offset, data);
+        }
     }
 }
 
@@ -239,7 +362,9 @@ mod tests {
         let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
         let log = seen.clone();
         let mut d = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, true).unwrap();
-        d.set_intx_gate(Box::new(move |on| log.lock().unwrap().push(on)));
+        d.set_doorbell_gate(Box::new(move |r| {
+            log.lock().unwrap().push(r == DoorbellRoute::Intx)
+        }));
         let command = |d: &mut Ivshmem, v: u16| {
             d.config_mut().write(COMMAND, &v.to_le_bytes());
             d.config_written(COMMAND, 2);
@@ -250,6 +375,112 @@ mod tests {
         command(&mut d, COMMAND_INTX_DISABLE | 6);
         command(&mut d, 2);
         assert_eq!(*seen.lock().unwrap(), vec![false, true]);
+    }
+
+    #[derive(Default)]
+    struct Routes(std::sync::Mutex<Vec<(u32, crate::msix::MsiMessage)>>);
+    impl MsiRouter for Routes {
+        fn route(&self, gsi: u32, msg: crate::msix::MsiMessage) -> Result<(), String> {
+            self.0.lock().unwrap().push((gsi, msg));
+            Ok(())
+        }
+    }
+
+    /// An ivshmem with doorbells and MSI-X, the routes it set, and the gate's calls.
+    fn with_msix() -> (
+        Ivshmem,
+        Arc<Routes>,
+        Arc<std::sync::Mutex<Vec<DoorbellRoute>>>,
+        usize,
+    ) {
+        let mut d = Ivshmem::new(1, 0xe000_0000, 0xe100_0000, 1 << 20, true).unwrap();
+        let routes = Arc::new(Routes::default());
+        let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        d.add_msix(0xe000_1000, Vector::new(efd, 40), routes.clone())
+            .unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<DoorbellRoute>>> = Arc::default();
+        let log = seen.clone();
+        d.set_doorbell_gate(Box::new(move |r| log.lock().unwrap().push(r)));
+        // Walk the capability list to MSI-X, as a driver does.
+        let mut cap = (d.config().read_u32(0x34) & 0xff) as usize;
+        while cap != 0 && d.config().read_u32(cap) & 0xff != u32::from(crate::msix::CAP_ID) {
+            cap = ((d.config().read_u32(cap) >> 8) & 0xff) as usize;
+        }
+        assert_ne!(cap, 0, "an MSI-X capability");
+        (d, routes, seen, cap)
+    }
+
+    fn msix_control(d: &mut Ivshmem, cap: usize, ctrl: u16) {
+        d.config_mut().write(cap + 2, &ctrl.to_le_bytes());
+        d.config_written(cap + 2, 2);
+    }
+
+    fn bar1_write(d: &mut Ivshmem, offset: u64, v: u32) {
+        d.mmio_write(MmioAddress(0xe000_1000), offset, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn msix_takes_the_doorbell_from_intx_while_enabled_and_unmasked() {
+        let (mut d, routes, seen, cap) = with_msix();
+        // The capability says one vector, table and PBA in BAR1; BAR1 is 4 KiB of memory.
+        assert_eq!(d.config().read_u32(cap) >> 16 & 0x7ff, 0, "table size 1");
+        assert_eq!(d.config().read_u32(cap + 4), 1, "table at BAR1 + 0");
+        assert_eq!(d.config().read_u32(cap + 8), MSIX_PBA as u32 | 1);
+        assert_eq!(d.config().read_u32(0x14), 0xe000_1000);
+        // The guest programs vector 0 (still masked), then enables MSI-X: still nowhere.
+        bar1_write(&mut d, 0, 0xfee0_0000);
+        bar1_write(&mut d, 4, 0);
+        bar1_write(&mut d, 8, 0x41);
+        msix_control(&mut d, cap, 0x8000);
+        assert_eq!(*seen.lock().unwrap(), vec![DoorbellRoute::Off]);
+        let status = |d: &Ivshmem| (d.config().read_u32(crate::config::COMMAND) >> 16) as u16;
+        assert_eq!(
+            status(&d) & STATUS_INTERRUPT,
+            0,
+            "no INTx pending under MSI-X"
+        );
+        // Unmasking routes the GSI to the message and moves the doorbell there.
+        bar1_write(&mut d, 12, 0);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![DoorbellRoute::Off, DoorbellRoute::Msix]
+        );
+        let r = routes.0.lock().unwrap().last().copied().unwrap();
+        assert_eq!((r.0, r.1.address, r.1.data), (40, 0xfee0_0000, 0x41));
+        let mut b = [0u8; 4];
+        d.mmio_read(MmioAddress(0xe000_1000), 8, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x41, "the table reads back");
+        // Masking the vector stops it; the function mask too; MSI-X off gives INTx back.
+        bar1_write(&mut d, 12, 1);
+        bar1_write(&mut d, 12, 0);
+        msix_control(&mut d, cap, 0xc000);
+        msix_control(&mut d, cap, 0x0000);
+        assert_eq!(
+            seen.lock().unwrap()[2..],
+            [
+                DoorbellRoute::Off,
+                DoorbellRoute::Msix,
+                DoorbellRoute::Off,
+                DoorbellRoute::Intx
+            ]
+        );
+        assert_ne!(status(&d) & STATUS_INTERRUPT, 0, "INTx pending again");
+        // BAR0 is still the registers.
+        d.mmio_read(MmioAddress(0xe000_0000), IV_POSITION, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1);
+    }
+
+    #[test]
+    fn bad_msix_accesses_are_ignored() {
+        let (mut d, _, seen, _) = with_msix();
+        let mut b = [0xffu8; 4];
+        d.mmio_read(MmioAddress(0xe000_1000), 0x7f0, &mut b);
+        assert_eq!(b, [0; 4], "past the one entry");
+        d.mmio_read(MmioAddress(0xe000_1000), 0x1000, &mut b);
+        bar1_write(&mut d, 0x7fc, 0);
+        bar1_write(&mut d, MSIX_PBA, 0xffff_ffff);
+        d.mmio_write(MmioAddress(0xe000_1000), 13, &[1, 2, 3]);
+        assert!(seen.lock().unwrap().is_empty());
     }
 
     #[test]

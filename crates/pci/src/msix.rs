@@ -93,6 +93,21 @@ impl MsixVectors {
         self.vectors.is_empty()
     }
 
+    /// Whether vector `index` would reach the guest now: MSI-X enabled, the function and the
+    /// vector unmasked.
+    pub fn deliverable(&self, index: u16) -> bool {
+        self.active()
+            && self
+                .vectors
+                .get(usize::from(index))
+                .is_some_and(|v| !v.masked.load(Ordering::Acquire))
+    }
+
+    /// Whether the guest has enabled MSI-X (which turns INTx off, masked or not).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
     /// Whether MSI-X is enabled and not function-masked.
     pub fn active(&self) -> bool {
         self.enabled.load(Ordering::Acquire) && !self.function_masked.load(Ordering::Acquire)

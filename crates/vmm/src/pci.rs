@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use tandem_pci::ivshmem::{IntxGate, REGS_SIZE};
+use tandem_pci::ivshmem::{DoorbellGate, DoorbellRoute, MSIX_BAR_SIZE, REGS_SIZE};
 use tandem_pci::root::{CONFIG_PORT, CONFIG_PORTS};
 use tandem_pci::{Ivshmem, PciRoot};
 use vm_memory::mmap::MmapRegion;
@@ -258,22 +258,36 @@ impl BarWindow {
     }
 }
 
-/// The gate of a doorbell interrupt: the irqfd is connected while the guest has INTx enabled.
-/// Doorbells rung while it is disconnected stay counted in the eventfd, and KVM delivers them as
-/// soon as the irqfd is connected again, as a masked line that was raised meanwhile would.
-fn intx_gate(vm: Arc<VmFd>, efd: &EventFd, gsi: u32) -> std::io::Result<IntxGate> {
+/// Moves the irqfd of this VM's doorbell eventfd between the INTx line (`intx`), the MSI-X
+/// vector's GSI (`msi`) and nothing, as the guest enables and masks them. KVM refuses one
+/// eventfd on two irqfds, so it is deassigned from the old GSI before it is assigned to the new;
+/// a doorbell rung meanwhile stays in the eventfd and KVM delivers it on assignment.
+fn doorbell_gate(
+    vm: Arc<VmFd>,
+    efd: &EventFd,
+    intx: u32,
+    msi: u32,
+) -> std::io::Result<DoorbellGate> {
     let efd = efd.try_clone()?;
-    Ok(Box::new(move |on| {
-        let done = if on {
-            vm.register_irqfd(&efd, gsi)
-        } else {
-            vm.unregister_irqfd(&efd, gsi)
+    let mut bound = Some(intx);
+    Ok(Box::new(move |route| {
+        let want = match route {
+            DoorbellRoute::Off => None,
+            DoorbellRoute::Intx => Some(intx),
+            DoorbellRoute::Msix => Some(msi),
         };
-        if let Err(e) = done {
-            tracing::warn!(
-                "ivshmem: cannot turn the doorbell interrupt (GSI {gsi}) {}: {e}",
-                if on { "on" } else { "off" }
-            );
+        if let Some(gsi) = bound.take() {
+            if let Err(e) = vm.unregister_irqfd(&efd, gsi) {
+                tracing::warn!("ivshmem: cannot detach the doorbell interrupt from GSI {gsi}: {e}");
+            }
+        }
+        if let Some(gsi) = want {
+            match vm.register_irqfd(&efd, gsi) {
+                Ok(()) => bound = Some(gsi),
+                Err(e) => tracing::warn!(
+                    "ivshmem: cannot attach the doorbell interrupt to GSI {gsi}: {e}"
+                ),
+            }
         }
     }))
 }
@@ -380,6 +394,11 @@ impl PciDevices {
         self.mappings.push(region);
         channel.check_doorbells()?;
         let doorbell = !channel.doorbells.is_empty();
+        let msix_bar = if doorbell {
+            self.place(MSIX_BAR_SIZE)?
+        } else {
+            0
+        };
         let dev = Ivshmem::new(channel.peer_id, regs, shm, channel.size, doorbell)
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
         let dev = Arc::new(Mutex::new(dev));
@@ -400,10 +419,15 @@ impl PciDevices {
                 if peer == usize::from(channel.peer_id) {
                     vm.register_irqfd(&efd, gsi)
                         .map_err(VmError::kvm("KVM_IRQFD"))?;
-                    let gate = intx_gate(vm.clone(), &efd, gsi).map_err(VmError::Device)?;
-                    dev.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .set_intx_gate(gate);
+                    let msi = self.routes.alloc();
+                    let vector = Vector::new(efd.try_clone().map_err(VmError::Device)?, msi);
+                    let routes: Arc<dyn MsiRouter> = self.routes.clone();
+                    let gate =
+                        doorbell_gate(vm.clone(), &efd, gsi, msi).map_err(VmError::Device)?;
+                    let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+                    d.add_msix(msix_bar, vector, routes)
+                        .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+                    d.set_doorbell_gate(gate);
                 } else {
                     vm.register_ioevent(
                         &efd,
@@ -414,8 +438,14 @@ impl PciDevices {
                 }
                 self.doorbells.push(efd);
             }
+            bus.add_mmio_shared(
+                &format!("{name}-msix"),
+                msix_bar,
+                MSIX_BAR_SIZE,
+                dev.clone(),
+            )?;
             tracing::info!(
-                "channel {}: doorbells, INTA on GSI {gsi}",
+                "channel {}: doorbells, INTA on GSI {gsi}, MSI-X table at {msix_bar:#x}",
                 channel.path.display()
             );
         }
