@@ -113,16 +113,14 @@ fn boot(
     let exit_file = run_dir.join("exit");
 
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(
-        "-accel tcg -cpu max -nodefaults -display none -no-reboot -monitor none".split(' '),
-    )
-    .args(["-nic", &nic(&opts.forwards)])
-    .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
-    .arg("-kernel")
-    .arg(assets.l1_kernel())
-    .arg("-initrd")
-    .arg(&initrd)
-    .args(["-append", L1_CMDLINE]);
+    qemu.args("-accel tcg -cpu max -nodefaults -display none -no-reboot -monitor none".split(' '))
+        .args(["-nic", &nic(&opts.forwards)])
+        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
+        .arg("-kernel")
+        .arg(assets.l1_kernel())
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", L1_CMDLINE]);
     if std::io::stdin().is_terminal() {
         // Ctrl-C goes to the test host's console instead of stopping QEMU.
         qemu.args([
