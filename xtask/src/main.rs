@@ -5,6 +5,7 @@ mod bench;
 mod bench_chan;
 mod bench_dev;
 mod cpio;
+mod demo;
 mod modules;
 mod tasks;
 mod testbed;
@@ -15,7 +16,10 @@ use std::path::{Component, Path, PathBuf};
 use std::process::exit;
 
 const USAGE: &str = "\
-usage: cargo xtask build                    release build of tandem, test programs, RT guest
+usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and a general partition
+                                            in the testbed; the RT guest's live figures at
+                                            http://127.0.0.1:8080/ until Ctrl-C
+       cargo xtask build                    release build of tandem, test programs, RT guest
        cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
        cargo xtask guests-dir               print the cached guest images' directory
@@ -71,6 +75,7 @@ fn main() {
             _ => usage_error("bench: which? (boot, net, blk, channel)"),
         },
         Some("bench-run") => bench::run_one(&args[1..]),
+        Some("demo") => demo::demo(&root, &args[1..]),
         Some("-h" | "--help") => return help(),
         Some(other) => usage_error(&format!("unknown task {other:?}")),
         None => usage_error("no task given"),
