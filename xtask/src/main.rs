@@ -6,6 +6,7 @@ mod bench_chan;
 mod bench_dev;
 mod cpio;
 mod modules;
+mod rtuser;
 mod tasks;
 mod testbed;
 mod vmlinux;
