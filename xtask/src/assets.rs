@@ -1,4 +1,4 @@
-//! Testbed assets: Debian's kernels and busybox, fetched with `apt-get download`, unpacked with
+//! Testbed assets: Debian's kernels, busybox and rt-tests, fetched with `apt-get download`, unpacked with
 //! `dpkg-deb -x` and turned into initramfs archives, all cached under one versioned directory.
 
 use crate::cpio::{Gzip, Writer};
@@ -128,10 +128,14 @@ fn recipe_hash() -> u64 {
     };
     let kernels = KERNELS.iter().flat_map(|&(package, name)| [package, name]);
     let modules = KVM_MODULES.iter().chain(GUEST_MODULES).copied();
+    let rt = crate::rtuser::PACKAGES
+        .iter()
+        .chain(crate::rtuser::PROGRAMS);
     [GUEST_INIT, UDHCPC_SCRIPT, BUSYBOX]
         .into_iter()
         .chain(kernels)
         .chain(modules)
+        .chain(rt.copied())
         .for_each(&mut feed);
     h
 }
@@ -152,6 +156,9 @@ fn build(root: &Path, work: &Path) -> Result<(), String> {
         pkgs.push((real, version));
     }
     pkgs.push((BUSYBOX.to_string(), apt.candidate(BUSYBOX)?));
+    for p in crate::rtuser::PACKAGES {
+        pkgs.push((p.to_string(), apt.candidate(p)?));
+    }
     let files = fetch(&debs, &pkgs)?;
     std::thread::scope(|scope| {
         let jobs: Vec<_> = pkgs
@@ -199,6 +206,12 @@ fn build(root: &Path, work: &Path) -> Result<(), String> {
     let mods = Modules::open(&x.join(&pkgs[0].0))?;
     eprintln!("testbed: building the guest initramfs");
     guest_initramfs(&guests.join("initramfs.cpio.gz"), &userland, &mods)?;
+    eprintln!("testbed: building the realtime guest initramfs (rt-tests)");
+    crate::rtuser::initramfs(
+        &guests.join("initramfs.cpio.gz"),
+        &guests.join("initramfs-rt.cpio.gz"),
+        &x,
+    )?;
     eprintln!("testbed: building the test host's initramfs");
     l1_base(&work.join("l1-base.cpio"), &userland, &mods, &guests)?;
 
@@ -309,6 +322,7 @@ fn l1_base(dest: &Path, userland: &Userland, mods: &Modules, guests: &Path) -> R
         "vmlinuz-generic",
         "vmlinux",
         "initramfs.cpio.gz",
+        "initramfs-rt.cpio.gz",
     ] {
         w.file_from(&format!("guests/{name}"), &guests.join(name))
             .map_err(err)?;

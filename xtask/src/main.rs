@@ -7,6 +7,7 @@ mod bench_dev;
 mod cpio;
 mod demo;
 mod modules;
+mod rtuser;
 mod tasks;
 mod testbed;
 mod vmlinux;
