@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script, FIND_IVSHMEM};
+use common::{case, exec_cmdline, run_script, stats_snapshot, FIND_IVSHMEM};
 use tandem_vmm::stats::Snapshot;
 
 /// cyclictest's loop count and interval (µs): 10 s of 1 kHz wake-ups.
@@ -50,16 +50,6 @@ fn the_report_line_parses() {
         })
     );
     assert_eq!(parse_report("rt | T: 0 ( 241) P:80 I:1000 C:"), None);
-}
-
-fn snapshot(
-    cases: &std::collections::HashMap<String, common::Case>,
-    all: &str,
-    name: &str,
-) -> Snapshot {
-    let c = case(cases, all, name);
-    assert_eq!(c.rc, 0, "{name}:\n{}\nsession:\n{all}", c.output);
-    serde_json::from_str(c.output.trim()).unwrap_or_else(|e| panic!("{name}: {e}:\n{}", c.output))
 }
 
 #[test]
@@ -176,8 +166,8 @@ record up cat /tmp/up.out
     );
 
     let (s0, s1) = (
-        snapshot(&cases, &all, "stats-start"),
-        snapshot(&cases, &all, "stats-end"),
+        stats_snapshot(&cases, &all, "stats-start"),
+        stats_snapshot(&cases, &all, "stats-end"),
     );
     let ms = s1.uptime_ms.saturating_sub(s0.uptime_ms).max(1) as f64;
     let rate = |name: &str| -> f64 {

@@ -4,18 +4,8 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script};
+use common::{case, exec_cmdline, run_script, stats_snapshot};
 use tandem_vmm::stats::Snapshot;
-
-fn snapshot(
-    cases: &std::collections::HashMap<String, common::Case>,
-    all: &str,
-    name: &str,
-) -> Snapshot {
-    let c = case(cases, all, name);
-    assert_eq!(c.rc, 0, "{name}:\n{}\nsession:\n{all}", c.output);
-    serde_json::from_str(c.output.trim()).unwrap_or_else(|e| panic!("{name}: {e}:\n{}", c.output))
-}
 
 fn vcpu0(s: &Snapshot, counter: &str) -> u64 {
     *s.vcpus[0]
@@ -50,8 +40,8 @@ done
     );
     let (cases, all) = run_script(&script);
     let (start, end) = (
-        snapshot(&cases, &all, "disabled-start"),
-        snapshot(&cases, &all, "disabled-end"),
+        stats_snapshot(&cases, &all, "disabled-start"),
+        stats_snapshot(&cases, &all, "disabled-end"),
     );
     assert!(end.kvm_available, "{:?}", end.kvm_error);
     let realtime = end.settings.get("realtime").cloned().unwrap_or_default();
@@ -68,8 +58,8 @@ done
     );
     assert_eq!(vcpu0(&end, "halt_exits"), 0, "{end:?}");
     let (kstart, kend) = (
-        snapshot(&cases, &all, "kept-start"),
-        snapshot(&cases, &all, "kept-end"),
+        stats_snapshot(&cases, &all, "kept-start"),
+        stats_snapshot(&cases, &all, "kept-end"),
     );
     assert_eq!(
         kend.settings.get("realtime").map(String::as_str),

@@ -54,17 +54,7 @@ pub fn ivshmem(data: &[u8]) -> usize {
         let offset = u64::from(word(2)) % 0x1100;
         let base = if op[1] & 4 == 0 { REGS } else { MSIX };
         match op[0] % 3 {
-            0 => {
-                root.write(0, &word(2).to_le_bytes());
-                let port = 4 + u64::from(op[6] & 3);
-                let n = len.min(4);
-                if op[7] & 1 == 0 {
-                    root.write(port, &word(8).to_le_bytes()[..n]);
-                } else {
-                    let mut b = [0u8; 4];
-                    root.read(port, &mut b[..n]);
-                }
-            }
+            0 => crate::pci::config_access(&mut root, op, len),
             1 => {
                 let Ok(mut d) = dev.lock() else { break };
                 let mut b = [0u8; 8];

@@ -87,16 +87,7 @@ pub fn virtio_pci(data: &[u8]) {
         match op[0] % 8 {
             0 => {
                 drop(d);
-                // Select bus 0, slot 1 (or anything else), a register, then access the data port.
-                root.write(0, &word(2).to_le_bytes());
-                let port = 4 + u64::from(op[6] & 3);
-                let n = len.min(4);
-                if op[7] & 1 == 0 {
-                    root.write(port, &word(8).to_le_bytes()[..n]);
-                } else {
-                    let mut b = [0u8; 4];
-                    root.read(port, &mut b[..n]);
-                }
+                config_access(&mut root, op, len);
             }
             1 => d.write_bar(u64::from(word(2)) % 0x9000, &op[8..8 + len]),
             2 => {
@@ -167,6 +158,22 @@ pub fn virtio_pci(data: &[u8]) {
                 }
             }
         }
+    }
+}
+
+/// One configuration access through the root's ports, as `op` says: bytes 2-5 select the
+/// address (bus 0, slot 1, a register, or anything else), byte 6 the data port's byte, byte 7
+/// read or write, bytes 8-11 the value; `len` bytes (at most 4).
+pub(crate) fn config_access(root: &mut PciRoot, op: &[u8], len: usize) {
+    let word = |i: usize| u32::from_le_bytes([op[i], op[i + 1], op[i + 2], op[i + 3]]);
+    root.write(0, &word(2).to_le_bytes());
+    let port = 4 + u64::from(op[6] & 3);
+    let n = len.min(4);
+    if op[7] & 1 == 0 {
+        root.write(port, &word(8).to_le_bytes()[..n]);
+    } else {
+        let mut b = [0u8; 4];
+        root.read(port, &mut b[..n]);
     }
 }
 

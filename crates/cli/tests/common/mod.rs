@@ -317,3 +317,14 @@ pub fn rtref_guest() -> String {
         .display()
         .to_string()
 }
+
+/// The `tandem stats --json` snapshot recorded as case `name` (which must have succeeded).
+pub fn stats_snapshot(
+    cases: &HashMap<String, Case>,
+    all: &str,
+    name: &str,
+) -> tandem_vmm::stats::Snapshot {
+    let c = case(cases, all, name);
+    assert_eq!(c.rc, 0, "{name}:\n{}\nsession:\n{all}", c.output);
+    serde_json::from_str(c.output.trim()).unwrap_or_else(|e| panic!("{name}: {e}:\n{}", c.output))
+}
