@@ -13,6 +13,29 @@ pub const MIN_PERIOD_US: u64 = 10;
 /// Longest run accepted, in seconds (one day).
 pub const MAX_DURATION_S: u64 = 86_400;
 
+/// Default number of round trips in ping-pong mode.
+pub const DEFAULT_ROUNDS: u32 = 10_000;
+
+/// Which side of a doorbell ping-pong this guest plays (`pingpong=ping|pong`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Rings the peer, waits for its reply, `rounds` times; then reports and powers off.
+    Ping,
+    /// Rings the peer back for every doorbell, until the ping side says it is done.
+    Pong,
+}
+
+/// A doorbell ping-pong over the channel's MSI-X vector, instead of the periodic task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingPong {
+    /// This guest's side.
+    pub role: Role,
+    /// Round trips the ping side makes (`rounds=`, default [`DEFAULT_ROUNDS`]).
+    pub rounds: u32,
+    /// The other side's peer ID (`peer=`, required).
+    pub peer: u16,
+}
+
 /// What the command line asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -26,6 +49,8 @@ pub struct Config {
     pub publish_every: u64,
     /// Ring this peer's doorbell after each publication (`bell=PEER`).
     pub bell: Option<u16>,
+    /// Play a doorbell ping-pong instead of the periodic task (`pingpong=`, `rounds=`, `peer=`).
+    pub pingpong: Option<PingPong>,
 }
 
 impl Default for Config {
@@ -36,6 +61,7 @@ impl Default for Config {
             report_every: 0,
             publish_every: 1,
             bell: None,
+            pingpong: None,
         }
     }
 }
@@ -50,6 +76,7 @@ impl Config {
     /// Parses `cmdline`.
     pub fn parse(cmdline: &str) -> Result<Self, CmdlineError<'_>> {
         let mut c = Self::default();
+        let (mut role, mut rounds, mut peer) = (None, DEFAULT_ROUNDS, None);
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
@@ -83,11 +110,31 @@ impl Config {
                     let peer = num()?;
                     c.bell = Some(u16::try_from(peer).map_err(|_| CmdlineError::OutOfRange(word))?);
                 }
+                "pingpong" => {
+                    role = Some(match value {
+                        "ping" => Role::Ping,
+                        "pong" => Role::Pong,
+                        _ => return Err(CmdlineError::BadValue(word)),
+                    })
+                }
+                "rounds" => {
+                    rounds = u32::try_from(num()?)
+                        .ok()
+                        .filter(|&r| r != 0)
+                        .ok_or(CmdlineError::OutOfRange(word))?;
+                }
+                "peer" => {
+                    peer = Some(u16::try_from(num()?).map_err(|_| CmdlineError::OutOfRange(word))?);
+                }
                 _ => {}
             }
         }
         if c.ticks() == 0 {
             return Err(CmdlineError::NoTicks);
+        }
+        if let Some(role) = role {
+            let peer = peer.ok_or(CmdlineError::NoPeer)?;
+            c.pingpong = Some(PingPong { role, rounds, peer });
         }
         Ok(c)
     }
@@ -102,6 +149,10 @@ pub enum CmdlineError<'a> {
     OutOfRange(&'a str),
     /// The duration is shorter than one period.
     NoTicks,
+    /// `key=value` whose value is none of those the key takes.
+    BadValue(&'a str),
+    /// `pingpong=` without `peer=`.
+    NoPeer,
 }
 
 impl fmt::Display for CmdlineError<'_> {
@@ -110,8 +161,11 @@ impl fmt::Display for CmdlineError<'_> {
             Self::NotANumber(w) => write!(f, "{w}: not a number"),
             Self::OutOfRange(w) => write!(
                 f,
-                "{w}: out of range (period_us >= {MIN_PERIOD_US}, 1 <= duration_s <= {MAX_DURATION_S}, publish_every >= 1, bell <= 65535)"
+                "{w}: out of range (period_us >= {MIN_PERIOD_US}, 1 <= duration_s <= {MAX_DURATION_S}, publish_every >= 1, bell and peer <= 65535, 1 <= rounds <= {})",
+                u32::MAX
             ),
+            Self::BadValue(w) => write!(f, "{w}: pingpong takes ping or pong"),
+            Self::NoPeer => write!(f, "pingpong needs peer=ID (the other side's peer ID)"),
             Self::NoTicks => write!(f, "the duration is shorter than one period"),
         }
     }
@@ -188,5 +242,54 @@ mod tests {
         );
         let msg = std::format!("{}", CmdlineError::OutOfRange("period_us=5"));
         assert!(msg.starts_with("period_us=5: out of range"), "{msg}");
+    }
+
+    #[test]
+    fn pingpong_is_read() {
+        assert_eq!(Config::parse("bell=1").unwrap().pingpong, None);
+        let c = Config::parse("pingpong=ping rounds=20000 peer=1").unwrap();
+        assert_eq!(
+            c.pingpong,
+            Some(PingPong {
+                role: Role::Ping,
+                rounds: 20_000,
+                peer: 1
+            })
+        );
+        assert_eq!(
+            Config::parse("peer=0 pingpong=pong").unwrap().pingpong,
+            Some(PingPong {
+                role: Role::Pong,
+                rounds: DEFAULT_ROUNDS,
+                peer: 0
+            })
+        );
+        // The periodic task's words are still checked.
+        assert_eq!(
+            Config::parse("pingpong=ping peer=1 period_us=5"),
+            Err(CmdlineError::OutOfRange("period_us=5"))
+        );
+    }
+
+    #[test]
+    fn bad_pingpong_words_are_errors() {
+        assert_eq!(
+            Config::parse("pingpong=pang peer=1"),
+            Err(CmdlineError::BadValue("pingpong=pang"))
+        );
+        assert_eq!(Config::parse("pingpong=ping"), Err(CmdlineError::NoPeer));
+        for bad in ["rounds=0", "rounds=4294967296", "peer=65536"] {
+            assert_eq!(
+                Config::parse(&std::format!("pingpong=ping peer=1 {bad}")),
+                Err(CmdlineError::OutOfRange(bad)),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Config::parse("pingpong=pong peer=x"),
+            Err(CmdlineError::NotANumber("peer=x"))
+        );
+        let msg = std::format!("{}", CmdlineError::NoPeer);
+        assert!(msg.contains("peer="), "{msg}");
     }
 }

@@ -63,6 +63,16 @@ pub const SEQ_OFFSET: usize = 8;
 pub const FIGURES_OFFSET: usize = 12;
 /// Bytes the whole record takes.
 pub const RECORD_SIZE: usize = 88;
+/// Ping-pong mode: the word the pong side sets to [`PONG_READY`] once its MSI-X vector is on
+/// (the ping side rings only after that).
+pub const PONG_READY_OFFSET: usize = 0x100;
+/// Ping-pong mode: the word the ping side sets to [`PING_DONE`] after its last round trip,
+/// before one last doorbell that ends the pong side.
+pub const PING_DONE_OFFSET: usize = 0x104;
+/// The value of the pong side's ready word.
+pub const PONG_READY: u32 = u32::from_le_bytes(*b"PONG");
+/// The value of the ping side's done word.
+pub const PING_DONE: u32 = u32::from_le_bytes(*b"DONE");
 
 impl Figures {
     /// The figures of `stats` so far.

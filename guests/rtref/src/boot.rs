@@ -10,6 +10,8 @@ use core::sync::atomic::AtomicU64;
 
 /// Vector of the LAPIC timer.
 pub const TIMER_VECTOR: u8 = 0x40;
+/// Vector of the channel's MSI-X doorbell (ping-pong mode).
+pub const DOORBELL_VECTOR: u8 = 0x41;
 /// Vector of the LAPIC's spurious interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// Code segment selector (64-bit) in the boot GDT.
@@ -20,6 +22,11 @@ const TSS_SELECTOR: u16 = 0x18;
 /// TSC at the latest timer interrupt, written by the timer's interrupt stub; 0: none since the
 /// main loop cleared it.
 pub static TIMER_STAMP: AtomicU64 = AtomicU64::new(0);
+/// Doorbells received, counted by the doorbell's interrupt stub.
+pub static DOORBELLS: AtomicU64 = AtomicU64::new(0);
+/// Where the doorbell stub writes its EOI: the xAPIC EOI register's address, or 0 for the
+/// x2APIC EOI MSR. Set before MSI-X is enabled.
+pub static EOI_MMIO: AtomicU64 = AtomicU64::new(0);
 
 core::arch::global_asm!(
     r#"
@@ -119,6 +126,27 @@ rtref_isr_timer:
     popq %rax
     iretq
 
+    /* The channel's doorbell (MSI-X): count it and send the EOI. */
+    .global rtref_isr_doorbell
+rtref_isr_doorbell:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    lock incq {doorbells}(%rip)
+    movq {eoi_mmio}(%rip), %rax
+    testq %rax, %rax
+    jz 5f
+    movl $0, (%rax)
+    jmp 6f
+5:  movl $0x80b, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+6:  popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
     .global rtref_isr_spurious
 rtref_isr_spurious:
     iretq
@@ -185,6 +213,8 @@ boot_stack: .skip 32768
 boot_stack_top:
 "#,
     stamp = sym TIMER_STAMP,
+    doorbells = sym DOORBELLS,
+    eoi_mmio = sym EOI_MMIO,
     options(att_syntax)
 );
 
@@ -193,6 +223,7 @@ extern "C" {
     static rtref_exc_table: [u64; 33];
     fn rtref_isr_timer();
     fn rtref_isr_spurious();
+    fn rtref_isr_doorbell();
 }
 
 /// What an exception stub leaves on its IST stack.
@@ -263,7 +294,7 @@ static TSS: Boot<Tss> = Boot(UnsafeCell::new(Tss {
     iomap_base: core::mem::size_of::<Tss>() as u16,
 }));
 static IDT: Boot<[Gate; 256]> = Boot(UnsafeCell::new([Gate([0, 0]); 256]));
-/// IST1: interrupts (timer, spurious).
+/// IST1: interrupts (timer, doorbell, spurious).
 static IST_IRQ: Boot<Stack> = Boot(UnsafeCell::new(Stack([0; STACK_SIZE])));
 /// IST2: exceptions (a fault in an interrupt stub must not reuse the stub's stack).
 static IST_EXC: Boot<Stack> = Boot(UnsafeCell::new(Stack([0; STACK_SIZE])));
@@ -302,6 +333,7 @@ pub fn init_cpu_tables() {
             *gate = Gate::new(table[v.min(32)], 2);
         }
         (*idt)[usize::from(TIMER_VECTOR)] = Gate::new(rtref_isr_timer as *const () as u64, 1);
+        (*idt)[usize::from(DOORBELL_VECTOR)] = Gate::new(rtref_isr_doorbell as *const () as u64, 1);
         (*idt)[usize::from(SPURIOUS_VECTOR)] = Gate::new(rtref_isr_spurious as *const () as u64, 1);
         let ptr: [u16; 5] = {
             let b = idt as u64;

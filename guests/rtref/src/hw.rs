@@ -159,6 +159,7 @@ const MSR_X2APIC_BASE: u32 = 0x800;
 /// IA32_TSC_DEADLINE.
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
+const APIC_ID: u32 = 0x20;
 const APIC_TPR: u32 = 0x80;
 const APIC_EOI: u32 = 0xb0;
 const APIC_SVR: u32 = 0xf0;
@@ -228,6 +229,25 @@ impl Apic {
                 core::ptr::write_volatile((base + u64::from(reg)) as *mut u32, v)
             },
         }
+    }
+
+    /// The local APIC's ID (the destination of an MSI to this CPU).
+    pub fn id(&self) -> u32 {
+        match self.mmio {
+            // SAFETY: x2APIC mode is on; MSR 0x802 is the x2APIC ID register (read-only).
+            None => unsafe { rdmsr(MSR_X2APIC_BASE + (APIC_ID >> 4)) as u32 },
+            // SAFETY: the xAPIC ID register of the identity-mapped APIC page; the ID is bits
+            // 31:24.
+            Some(base) => unsafe {
+                core::ptr::read_volatile((base + u64::from(APIC_ID)) as *const u32) >> 24
+            },
+        }
+    }
+
+    /// Where an interrupt stub writes 0 to send the EOI: the xAPIC EOI register's address, or
+    /// 0 in x2APIC mode (the EOI MSR).
+    pub fn eoi_mmio(&self) -> u64 {
+        self.mmio.map_or(0, |base| base + u64::from(APIC_EOI))
     }
 
     /// Signals the end of the interrupt being handled.

@@ -9,6 +9,7 @@ mod boot;
 mod hw;
 mod mem;
 mod pci;
+mod pingpong;
 mod tsc;
 
 use core::fmt::{self, Write};
@@ -40,7 +41,7 @@ struct StartInfo {
 }
 
 /// Prints `rtref: error: ...` and stops with a triple fault, so that tandem exits non-zero.
-fn fail(args: fmt::Arguments) -> ! {
+pub(crate) fn fail(args: fmt::Arguments) -> ! {
     let _ = writeln!(Serial, "rtref: error: {args}");
     boot::triple_fault()
 }
@@ -89,6 +90,9 @@ extern "C" fn rtref_main(start_info: u32) -> ! {
     boot::init_cpu_tables();
     let line = cmdline(start_info);
     let cfg = Config::parse(line).unwrap_or_else(|e| fail(format_args!("command line: {e}")));
+    if let Some(pp) = cfg.pingpong {
+        pingpong::run(&pp)
+    }
     if !hw::has_tsc_deadline() {
         fail(format_args!(
             "the CPU has no TSC-deadline timer (CPUID.1:ECX[24])"

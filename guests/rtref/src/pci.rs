@@ -5,6 +5,7 @@
 use core::cell::Cell;
 use core::fmt;
 use core::ptr::write_volatile;
+use core::sync::atomic::AtomicU32;
 
 use tandem_rtref::shm::{Figures, FIGURES_OFFSET, MAGIC, SEQ_OFFSET, VERSION};
 
@@ -15,7 +16,13 @@ const CONFIG_DATA: u16 = 0xcfc;
 const IVSHMEM_ID: u32 = 0x1110_1af4;
 const COMMAND: u8 = 0x04;
 const COMMAND_MEMORY: u32 = 1 << 1;
+const STATUS_CAPABILITIES: u32 = 1 << (16 + 4);
+const CAPABILITIES: u8 = 0x34;
+const CAP_MSIX: u32 = 0x11;
+const MSIX_ENABLE: u32 = 1 << 15;
+const MSIX_FUNCTION_MASK: u32 = 1 << 14;
 const BAR0: u8 = 0x10;
+const BAR1: u8 = 0x14;
 const BAR2: u8 = 0x18;
 const BAR3: u8 = 0x1c;
 const IVPOSITION: u64 = 0x08;
@@ -34,7 +41,8 @@ fn config_read(dev: u8, reg: u8) -> u32 {
 }
 
 fn config_write(dev: u8, reg: u8, v: u32) {
-    // SAFETY: as config_read; the only register written is the command register.
+    // SAFETY: as config_read; the registers written are the command register and the MSI-X
+    // capability's control word.
     unsafe {
         outl(
             CONFIG_ADDRESS,
@@ -98,7 +106,84 @@ pub fn find_channel() -> Option<Channel> {
     Some(ch)
 }
 
+/// Why the channel's MSI-X vector cannot be set up.
+#[derive(Debug)]
+pub enum MsixError {
+    /// The function lists no MSI-X capability (a channel without doorbells).
+    NoCapability,
+    /// The table is not at the start of BAR1, or BAR1 is not assigned below 4 GiB.
+    NoTable(u32),
+}
+
+impl fmt::Display for MsixError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoCapability => write!(
+                f,
+                "the channel has no MSI-X capability (no doorbells: run under tandem up)"
+            ),
+            Self::NoTable(bar) => write!(f, "no MSI-X table in BAR1 ({bar:#x})"),
+        }
+    }
+}
+
 impl Channel {
+    /// Routes the channel's doorbell to this CPU as MSI-X vector 0 with interrupt vector
+    /// `vector` (fixed, edge): programs table entry 0 in BAR1, enables MSI-X, unmasks the entry.
+    pub fn enable_msix(&self, vector: u8, apic_id: u32) -> Result<(), MsixError> {
+        let slot = self.slot;
+        if config_read(slot, COMMAND) & STATUS_CAPABILITIES == 0 {
+            return Err(MsixError::NoCapability);
+        }
+        let mut cap = (config_read(slot, CAPABILITIES) & 0xfc) as u8;
+        // A list longer than the configuration space can hold is a loop.
+        for _ in 0..48 {
+            if cap == 0 || config_read(slot, cap) & 0xff == CAP_MSIX {
+                break;
+            }
+            cap = ((config_read(slot, cap) >> 8) & 0xfc) as u8;
+        }
+        if cap == 0 || config_read(slot, cap) & 0xff != CAP_MSIX {
+            return Err(MsixError::NoCapability);
+        }
+        let bar1 = config_read(slot, BAR1);
+        let table = config_read(slot, cap + 4);
+        if table != 1 || bar1 & 0x7 != 0 || bar1 & !0xf == 0 {
+            return Err(MsixError::NoTable(bar1));
+        }
+        let entry = u64::from(bar1 & !0xf);
+        // SAFETY: BAR1 (identity-mapped, memory decoding on) holds the MSI-X table at 0 (the
+        // capability says so); entry 0 is four 32-bit words: address low, high, data, control.
+        unsafe {
+            write_volatile(entry as *mut u32, 0xfee0_0000 | (apic_id & 0xff) << 12);
+            write_volatile((entry + 4) as *mut u32, 0);
+            write_volatile((entry + 8) as *mut u32, u32::from(vector));
+        }
+        let ctrl = config_read(slot, cap);
+        config_write(
+            slot,
+            cap,
+            (ctrl | MSIX_ENABLE << 16) & !(MSIX_FUNCTION_MASK << 16),
+        );
+        // SAFETY: as above: the vector control word; bit 0 clear unmasks the entry.
+        unsafe { write_volatile((entry + 12) as *mut u32, 0) };
+        Ok(())
+    }
+
+    /// Rings peer `peer`'s doorbell.
+    pub fn ring(&self, peer: u16) {
+        // SAFETY: the Doorbell register of BAR0, write-only, 32 bits: `peer << 16 | vector`.
+        unsafe { write_volatile((self.regs + DOORBELL) as *mut u32, u32::from(peer) << 16) };
+    }
+
+    /// The 32-bit word at `offset` of the shared memory, for the ping-pong's flags.
+    pub fn word(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset.is_multiple_of(4) && offset + 4 <= 4096);
+        // SAFETY: BAR2 is at least a page of shared memory, identity-mapped and never unmapped;
+        // the word is aligned and accessed only atomically by this guest.
+        unsafe { &*((self.shm + offset as u64) as *const AtomicU32) }
+    }
+
     /// Publishes `f` (seqlock: `seq` odd while writing), then rings `bell`'s doorbell if given.
     pub fn publish(&self, f: &Figures, bell: Option<u16>) {
         let seq = self.seq.get();
@@ -117,8 +202,7 @@ impl Channel {
         }
         self.seq.set(seq.wrapping_add(2));
         if let Some(peer) = bell {
-            // SAFETY: the Doorbell register of BAR0, write-only, 32 bits: `peer << 16 | vector`.
-            unsafe { write_volatile((self.regs + DOORBELL) as *mut u32, u32::from(peer) << 16) };
+            self.ring(peer);
         }
     }
 }
