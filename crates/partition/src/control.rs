@@ -158,7 +158,7 @@ pub fn serve(
             }
             Err(e) => {
                 if !failing {
-                    eprintln!("tandem: control socket: {e}; retrying");
+                    crate::say!("tandem: control socket: {e}; retrying");
                     failing = true;
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -159,8 +159,7 @@ impl Terminal {
                     let len = text.len() as u64 + 1;
                     if *left < len {
                         if *left > 0 {
-                            let _ = writeln!(
-                                std::io::stderr(),
+                            crate::say!(
                                 "tandem: VM output is no longer copied here ({} MiB); the VMs' logs have it",
                                 LOG_LIMIT >> 20
                             );
@@ -172,17 +171,16 @@ impl Terminal {
                 }
                 let lost = dropped.load(Ordering::Relaxed);
                 if lost != reported {
-                    let _ = writeln!(
-                        std::io::stderr(),
+                    crate::say!(
                         "tandem: {} line(s) of VM output not shown: the terminal did not keep up (the logs have them)",
                         lost - reported
                     );
                     reported = lost;
                 }
                 let _ = if is_err {
-                    writeln!(std::io::stderr(), "{text}")
+                    write_line(&mut std::io::stderr().lock(), &text)
                 } else {
-                    writeln!(std::io::stdout(), "{text}")
+                    write_line(&mut std::io::stdout().lock(), &text)
                 };
             }
         });
@@ -257,9 +255,62 @@ pub fn relay(
     peak
 }
 
+/// Writes `line` and a newline to `w` in one `write` (where the stream takes it whole). The
+/// supervisor's messages (stderr) and the VMs' lines (stdout) come from different threads and
+/// often share one file (`tandem up >log 2>&1`): `writeln!` and `eprintln!` issue one write per
+/// formatted piece, and another thread's line could land between them, mid-line.
+pub fn write_line(w: &mut impl Write, line: &str) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    w.write_all(&buf)
+}
+
+/// `eprintln!` as one write ([`write_line`]): the supervisor's messages never split around
+/// another thread's output.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = $crate::output::write_line(&mut std::io::stderr().lock(), &format!($($arg)*));
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that records each write call.
+    #[derive(Default)]
+    struct Calls(Vec<Vec<u8>>);
+    impl Write for Calls {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_reaches_the_stream_in_one_write() {
+        let vm = "gp";
+        // What the supervisor wrote before: a line in pieces, so that a VM line written to the
+        // same file by the relay thread could land in the middle (seen in up.rs's output).
+        let mut pieces = Calls::default();
+        writeln!(pieces, "tandem: vm '{vm}' restarting in {:.1}s", 0.5).unwrap();
+        assert!(pieces.0.len() > 1);
+        let mut whole = Calls::default();
+        write_line(
+            &mut whole,
+            &format!("tandem: vm '{vm}' restarting in {:.1}s", 0.5),
+        )
+        .unwrap();
+        assert_eq!(
+            whole.0,
+            vec![b"tandem: vm 'gp' restarting in 0.5s\n".to_vec()]
+        );
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("tandem-out-{name}-{}", std::process::id()));

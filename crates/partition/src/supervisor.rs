@@ -174,7 +174,7 @@ impl Supervisor {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("tandem: vm '{}': cannot start: {e}", vm.plan.name);
+                crate::say!("tandem: vm '{}': cannot start: {e}", vm.plan.name);
                 vm.state = State::Stopped;
                 vm.last_exit = Some(format!("cannot start: {e}"));
                 return;
@@ -224,7 +224,7 @@ impl Supervisor {
                 });
             }
         });
-        eprintln!(
+        crate::say!(
             "tandem: vm '{name}' started (pid {pid}, CPUs {})",
             vm.plan
                 .cpus
@@ -316,7 +316,7 @@ impl Supervisor {
                 let _ = SANDBOX.set(s);
             }
             Err(e) => {
-                eprintln!("tandem: {e}");
+                crate::say!("tandem: {e}");
                 return 1;
             }
         }
@@ -332,7 +332,7 @@ impl Supervisor {
                     serve(listener, tx)
                 });
             }
-            Err(e) => eprintln!("tandem: no control socket at {}: {e}", socket.display()),
+            Err(e) => crate::say!("tandem: no control socket at {}: {e}", socket.display()),
         }
         {
             let tx = tx.clone();
@@ -394,11 +394,11 @@ impl Supervisor {
                 .iter()
                 .any(|v| v.last_exit.as_deref() == Some("stopped by request"));
             if shutting_down && !vms.iter().any(|v| matches!(v.state, State::Running { .. })) {
-                eprintln!("tandem: every VM is stopped");
+                crate::say!("tandem: every VM is stopped");
                 return 0;
             }
             if !active && !held && !shutting_down {
-                eprintln!("tandem: no VM is left running");
+                crate::say!("tandem: no VM is left running");
                 return i32::from(failed);
             }
             let next = vms
@@ -419,7 +419,7 @@ impl Supervisor {
             };
             match event {
                 Event::Signal(sig) => {
-                    eprintln!("tandem: signal {sig}: stopping every VM");
+                    crate::say!("tandem: signal {sig}: stopping every VM");
                     shutting_down = true;
                     vms.iter_mut().for_each(Self::stop);
                 }
@@ -461,14 +461,14 @@ impl Supervisor {
                             if ending == Ending::Failure {
                                 failed = true;
                             }
-                            eprintln!(
+                            crate::say!(
                                 "tandem: vm '{}' ended: {}",
                                 v.plan.name,
                                 v.last_exit.as_deref().unwrap_or("")
                             );
                         }
                         Decision::Restart(d) => {
-                            eprintln!(
+                            crate::say!(
                                 "tandem: vm '{}' ended: {}; restarting in {:.1} s (restart {})",
                                 v.plan.name,
                                 v.last_exit.as_deref().unwrap_or(""),
@@ -479,7 +479,7 @@ impl Supervisor {
                         }
                         Decision::CrashLoop => {
                             failed = true;
-                            eprintln!(
+                            crate::say!(
                                 "tandem: vm '{}' ended: {}; it keeps failing ({} restarts in {} s), so it is left stopped",
                                 v.plan.name,
                                 v.last_exit.as_deref().unwrap_or(""),
