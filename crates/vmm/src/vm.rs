@@ -706,7 +706,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 if let Ok(mut r) = reports.lock() {
                     r.push(report);
                 }
-                finished.one_more();
+                finished.one_more(index.into());
                 let _ = done.write(1);
             })
             .map_err(VmError::Device)?;
@@ -731,7 +731,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         stats: stats_server.as_mut().map(|s| (s, &stats)),
     })?;
     tracing::info!("guest stopped: {event:?}");
-    crate::kick::stop_vcpus(handles, &stop, &finished);
+    let _ = crate::kick::stop_vcpus(handles, &stop, &finished);
     if let Some(io) = io_thread {
         io.stop();
     }
