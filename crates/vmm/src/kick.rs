@@ -130,6 +130,9 @@ mod tests {
     /// "a vCPU thread did not stop in time", after guest failures and power-offs).
     #[test]
     fn a_vcpu_past_its_run_loop_is_joined_even_if_its_thread_has_not_ended() {
+        // The kick goes to the thread while it still runs: without the handler, SIGRTMIN's
+        // default action would end the test process.
+        register_handler().unwrap();
         let stop = AtomicBool::new(false);
         let finished = Arc::new(VcpusFinished::default());
         let f = finished.clone();
