@@ -195,18 +195,7 @@ fn user_space_exits(out: &str) -> i64 {
         .lines()
         .find(|l| l.contains("vcpu0: ") && l.contains(" exits (pio in "))
         .unwrap_or_else(|| panic!("no exit counts in tandem's log:\n{out}"));
-    let after = |key: &str| -> i64 {
-        let at = line
-            .find(key)
-            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
-            + key.len();
-        line[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
-    };
-    after("pio in ") + after("pio out ") + after("mmio ") + after("other ")
+    common::user_space_exits_of(line)
 }
 
 /// The first number in a case's output (`wc -c`'s byte count).

@@ -328,3 +328,21 @@ pub fn stats_snapshot(
     assert_eq!(c.rc, 0, "{name}:\n{}\nsession:\n{all}", c.output);
     serde_json::from_str(c.output.trim()).unwrap_or_else(|e| panic!("{name}: {e}:\n{}", c.output))
 }
+
+/// The exits to tandem's user space in tandem's info log line `vcpu0: N exits (pio in A, pio out
+/// B, mmio C, interrupted D, other E)`, without the `interrupted` ones (signals to the vCPU
+/// thread, not the guest's doing).
+pub fn user_space_exits_of(line: &str) -> i64 {
+    let after = |key: &str| -> i64 {
+        let at = line
+            .find(key)
+            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
+            + key.len();
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
+    };
+    after("pio in ") + after("pio out ") + after("mmio ") + after("other ")
+}
