@@ -166,12 +166,24 @@ pub(crate) fn print_table(rows: &[(String, Vec<(String, f64)>)], keys: &[&str], 
         let mut r = format!("| {vmm} |");
         for k in keys {
             match (get(vmm, k), get(base, k)) {
-                (Some(v), Some(b)) if b > 0.0 => r.push_str(&format!(" {v:.1} | {:.2} |", v / b)),
-                (Some(v), _) => r.push_str(&format!(" {v:.1} | n/a |")),
+                (Some(v), Some(b)) if b > 0.0 => {
+                    r.push_str(&format!(" {} | {:.2} |", number(v), v / b))
+                }
+                (Some(v), _) => r.push_str(&format!(" {} | n/a |", number(v))),
                 (None, _) => r.push_str(" n/a | n/a |"),
             }
         }
         println!("{r}");
+    }
+}
+
+/// `v` with one decimal, or three significant digits below 1 (per-tick counts are fractions).
+pub(crate) fn number(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -327,4 +339,17 @@ done
         "qemu",
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_figures_keep_three_significant_digits() {
+        assert_eq!(number(286.04), "286.0");
+        assert_eq!(number(0.0), "0.0");
+        assert_eq!(number(0.02381), "0.0238");
+        assert_eq!(number(0.5), "0.500");
+    }
 }

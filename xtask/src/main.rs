@@ -4,6 +4,7 @@ mod assets;
 mod bench;
 mod bench_chan;
 mod bench_dev;
+mod bench_rt;
 mod cpio;
 mod demo;
 mod modules;
@@ -25,6 +26,7 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
        cargo xtask guests-dir               print the cached guest images' directory
        cargo xtask bench boot               boot time and memory: tandem vs QEMU, in the testbed
+       cargo xtask bench rt                 the reference RT guest's exits and latency: tandem vs QEMU
        cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
 
 Runs CMD (default: an interactive shell) as root in a nested testbed: QEMU TCG `-cpu max`
@@ -73,7 +75,8 @@ fn main() {
             Some("net") => bench_dev::net(&root),
             Some("blk") => bench_dev::blk(&root),
             Some("channel") => bench_chan::channel(&root),
-            _ => usage_error("bench: which? (boot, net, blk, channel)"),
+            Some("rt") => bench_rt::rt(&root),
+            _ => usage_error("bench: which? (boot, net, blk, channel, rt)"),
         },
         Some("bench-run") => bench::run_one(&args[1..]),
         Some("demo") => demo::demo(&root, &args[1..]),
