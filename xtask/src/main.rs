@@ -24,6 +24,8 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
        cargo xtask build                    release build of tandem, test programs, RT guest
        cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
+                                            with a scratch disk and the guest's port 80 at
+                                            127.0.0.1:8080; poweroff leaves
        cargo xtask guests-dir               print the cached guest images' directory
        cargo xtask bench boot               boot time and memory: tandem vs QEMU, in the testbed
        cargo xtask bench rt                 the reference RT guest's exits and latency: tandem vs QEMU

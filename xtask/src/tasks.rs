@@ -236,23 +236,47 @@ pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
     Ok(0)
 }
 
-/// `cargo xtask shell`: boots Debian's cloud kernel in tandem, in the testbed, to a shell.
+/// The port of the test host that `cargo xtask shell` forwards to the guest's [`SHELL_GUEST_PORT`].
+const SHELL_HOST_PORT: u16 = 8080;
+/// The guest port that `cargo xtask shell` makes reachable from this machine.
+const SHELL_GUEST_PORT: u16 = 80;
+
+/// `cargo xtask shell`'s command in the test host: a 256 MiB ext2 scratch disk, then tandem with
+/// that disk and user-mode networking with a forward, booted again after each guest reboot
+/// (tandem's status 4). `{PORT}` is this machine's port, for the guest's welcome line.
+const SHELL_SCRIPT: &str = r#"truncate -s 256M /tmp/scratch.img && mke2fs -q -F -L scratch /tmp/scratch.img >/dev/null || exit 1
+while :; do
+	tandem run --kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz --cpus 2 --memory 1G \
+		--disk path=/tmp/scratch.img,serial=scratch --forward tcp:0.0.0.0:{HOST_PORT}:{GUEST_PORT} \
+		--cmdline "console=ttyS0 reboot=k panic=-1 quiet tandem.forward=127.0.0.1:{PORT}:{GUEST_PORT}"
+	rc=$?
+	[ $rc = 4 ] || exit $rc
+	echo "xtask shell: the guest rebooted (tandem exited with status 4); booting it again"
+done
+"#;
+
+/// `port` on this machine's loopback if it is free, else one the system picks.
+fn free_port(port: u16) -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        return port;
+    }
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_or(port, |a| a.port())
+}
+
+/// `cargo xtask shell`: boots Debian's cloud kernel in tandem, in the testbed, to a shell with a
+/// scratch disk and user-mode networking, the guest's port 80 reached at 127.0.0.1:8080 here
+/// (another port when 8080 is taken; the guest's welcome line says which).
 pub fn shell(opts: &mut testbed::Options) -> Result<i32, String> {
     ensure_host_packages()?;
-    opts.cmd = [
-        "tandem",
-        "run",
-        "--kernel",
-        "/guests/vmlinuz",
-        "--initrd",
-        "/guests/initramfs.cpio.gz",
-        "--cpus",
-        "2",
-        "--memory",
-        "1G",
-    ]
-    .map(String::from)
-    .to_vec();
+    let port = free_port(SHELL_HOST_PORT);
+    opts.forwards.push((port, SHELL_HOST_PORT));
+    let script = SHELL_SCRIPT
+        .replace("{HOST_PORT}", &SHELL_HOST_PORT.to_string())
+        .replace("{GUEST_PORT}", &SHELL_GUEST_PORT.to_string())
+        .replace("{PORT}", &port.to_string());
+    opts.cmd = vec!["sh".into(), "-c".into(), script];
     testbed::run(opts)
 }
 
@@ -266,6 +290,15 @@ pub fn guests_dir() -> Result<i32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shell_forward_takes_another_port_when_its_own_is_in_use() {
+        let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let other = free_port(port);
+        assert_ne!(other, port);
+        assert!(std::net::TcpListener::bind(("127.0.0.1", other)).is_ok());
+    }
 
     #[test]
     fn qemu_versions_are_read_from_the_banner() {
