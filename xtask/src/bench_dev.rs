@@ -196,21 +196,29 @@ pub fn net(root: &Path) -> Result<i32, String> {
     let iperf = host_tool("iperf3")?;
     let passt = host_tool("passt")?;
     let guest = "ip link set eth0 up; udhcpc -q -n -i eth0 >/dev/null 2>&1; iperf3 -s -D; echo BENCH-READY; sleep 900";
-    let mut common = String::from("set -u\n");
+    let mut common = String::from("set -u\nmount -t debugfs none /sys/kernel/debug 2>/dev/null\n");
     common.push_str(&overlay(&[(iperf.clone(), iperf.clone())]));
     common.push_str(&format!(
         r#"APPEND='console=ttyS0 reboot=k panic=-1 quiet tandem.exec="{guest}"'
+# KVM's exit count of process $1's VM.
+exits() {{ cat /sys/kernel/debug/kvm/$1-*/exits 2>/dev/null | awk '{{s+=$1}} END {{print s+0}}'; }}
 measure() {{
-  name=$1
+  name=$1 vm=$2
   i=0
   while [ $i -lt 150 ] && ! grep -q BENCH-READY /tmp/$name.log 2>/dev/null; do sleep 1; i=$((i+1)); done
   grep -q BENCH-READY /tmp/$name.log || {{ echo "RESULT $name failed=1"; tail -5 /tmp/$name.log; return; }}
   sleep 1
   for dir in host-to-guest guest-to-host; do
     flag=; [ $dir = guest-to-host ] && flag=-R
-    iperf3 -c 127.0.0.1 -p 5201 -t 8 -O 2 -f m $flag >/tmp/iperf.out 2>&1
+    # The test host's busy CPU time over the run (all its CPUs: user, system, interrupts).
+    b0=$(awk '/^cpu /{{print $2+$3+$4+$7+$8+$9}}' /proc/stat); e0=$(exits $vm)
+    iperf3 -c 127.0.0.1 -p 5201 -t 8 -f m $flag >/tmp/iperf.out 2>&1
+    b1=$(awk '/^cpu /{{print $2+$3+$4+$7+$8+$9}}' /proc/stat); e1=$(exits $vm)
     mbps=$(grep receiver /tmp/iperf.out | sed 's/.* \([0-9.]*\) Mbits\/sec.*/\1/')
+    mb=$(grep receiver /tmp/iperf.out | sed 's/.* \([0-9.]*\) MBytes.*/\1/')
     [ -n "$mbps" ] || tail -3 /tmp/iperf.out
+    # USER_HZ is 100: a jiffy is 10 ms.
+    [ -n "$mb" ] && echo "RESULT $name $dir-cpu-ms-per-MB=$(echo "scale=1; ($b1 - $b0) * 10 / $mb" | bc) $dir-exits-per-MB=$(echo "scale=1; ($e1 - $e0) / $mb" | bc)"
     echo "RESULT $name $dir-Mbps=$mbps"
   done
 }}
@@ -221,7 +229,7 @@ measure() {{
             "tandem",
             format!(
                 r#"tandem run --kernel /guests/vmlinuz --initrd /tmp/bench.gz --memory {MEM} --forward tcp:5201:5201 --serial file:/tmp/tandem.log --cmdline "$APPEND" </dev/null >/dev/null 2>&1 &
-pid=$!; measure tandem; kill $pid; wait $pid
+pid=$!; measure tandem $pid; kill $pid; wait $pid
 "#
             ),
         ),
@@ -229,7 +237,7 @@ pid=$!; measure tandem; kill $pid; wait $pid
             "qemu-user",
             format!(
                 r#"{QEMU} -serial file:/tmp/qemu-user.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:5201-:5201 -device virtio-net-pci,netdev=n0,romfile= -append "$APPEND" </dev/null >/dev/null 2>&1 &
-pid=$!; measure qemu-user; kill $pid; wait $pid
+pid=$!; measure qemu-user $pid; kill $pid; wait $pid
 "#
             ),
         ),
@@ -251,7 +259,7 @@ unshare -m sh -c 'mkdir -p /pr && mount -t tmpfs tmpfs /pr && for d in usr lib l
 ppid=$!
 sleep 1
 {QEMU} -serial file:/tmp/qemu-passt.log -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/passt.sock -device virtio-net-pci,netdev=n0,romfile= -append "$APPEND" </dev/null >/dev/null 2>&1 &
-pid=$!; measure qemu-passt; kill $pid $ppid; wait $pid
+pid=$!; measure qemu-passt $pid; kill $pid $ppid; wait $pid
 "#
             ),
         ),
@@ -273,10 +281,20 @@ pid=$!; measure qemu-passt; kill $pid $ppid; wait $pid
             }
         }
     }
-    println!("iperf3 through a forwarded port (Mbit/s, receiver side; 8 s after 2 s warm-up)\n");
+    println!(
+        "iperf3 through a forwarded port for 8 s: Mbit/s on the receiver side, and the test host's \
+         CPU time (all CPUs busy, ms) and the VM's exits (KVM's count) per MB received\n"
+    );
     print_table(
         &rows,
-        &["host-to-guest-Mbps", "guest-to-host-Mbps"],
+        &[
+            "host-to-guest-Mbps",
+            "guest-to-host-Mbps",
+            "host-to-guest-cpu-ms-per-MB",
+            "guest-to-host-cpu-ms-per-MB",
+            "host-to-guest-exits-per-MB",
+            "guest-to-host-exits-per-MB",
+        ],
         "qemu-passt",
     );
     Ok(0)
