@@ -1,5 +1,6 @@
 //! tandem's development tasks, run as `cargo xtask TASK`.
 
+mod aarch64;
 mod assets;
 mod bench;
 mod bench_chan;
@@ -22,7 +23,11 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
                                             in the testbed; the RT guest's live figures at
                                             http://127.0.0.1:8080/ until Ctrl-C
        cargo xtask build                    release build of tandem, test programs, RT guest
+       cargo xtask build --arch aarch64     tandem cross-built for aarch64 (Debian's toolchain,
+                                            installed when missing; target/aarch64)
        cargo xtask test [CARGO TEST ARGS]   run the whole test suite (installs what it needs)
+       cargo xtask test --arch aarch64 [CARGO TEST ARGS]
+                                            the unit tests built for aarch64, under qemu-user
        cargo xtask shell                    boot Debian's kernel in tandem (in the testbed) to a shell
                                             with a scratch disk and the guest's port 80 at
                                             127.0.0.1:8080; poweroff leaves
@@ -69,8 +74,16 @@ fn main() {
                 tasks::ensure_host_packages().and_then(|()| testbed::run(&opts))
             }
         }
-        Some("build") => tasks::build(&root),
-        Some("test") => tasks::test(&root, &args[1..]),
+        Some(task @ ("build" | "test")) => match parse_arch(&args[1..]) {
+            Ok((Arch::X86_64, rest)) if task == "build" && rest.is_empty() => tasks::build(&root),
+            Ok((Arch::X86_64, rest)) if task == "test" => tasks::test(&root, rest),
+            Ok((Arch::Aarch64, rest)) if task == "build" && rest.is_empty() => {
+                aarch64::build(&root)
+            }
+            Ok((Arch::Aarch64, rest)) if task == "test" => aarch64::test(&root, rest),
+            Ok((_, rest)) => usage_error(&format!("build: unexpected arguments {rest:?}")),
+            Err(e) => usage_error(&e),
+        },
         Some("guests-dir") => tasks::guests_dir(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("boot") => bench::boot(&root),
@@ -103,6 +116,30 @@ fn usage_error(msg: &str) -> ! {
         "xtask: {msg} (see cargo xtask testbed --help)"
     );
     exit(2)
+}
+
+/// The architectures `build` and `test` build for.
+#[derive(Debug, PartialEq, Eq)]
+enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+/// Takes a leading `--arch ARCH` (or `--arch=ARCH`) off `args`; x86_64 when there is none.
+fn parse_arch(args: &[String]) -> Result<(Arch, &[String]), String> {
+    let (value, rest) = match args.first().map(String::as_str) {
+        Some("--arch") => match args.get(1) {
+            Some(v) => (v.as_str(), &args[2..]),
+            None => return Err("--arch needs a value (x86_64 or aarch64)".into()),
+        },
+        Some(a) if a.starts_with("--arch=") => (&a["--arch=".len()..], &args[1..]),
+        _ => return Ok((Arch::X86_64, args)),
+    };
+    match value {
+        "x86_64" => Ok((Arch::X86_64, rest)),
+        "aarch64" | "arm64" => Ok((Arch::Aarch64, rest)),
+        other => Err(format!("--arch {other:?}: expected x86_64 or aarch64")),
+    }
 }
 
 /// Parses the arguments after `testbed`; `None` when help was asked for.
@@ -287,6 +324,18 @@ mod tests {
             assert!(parse_testbed(&args(bad)).is_err(), "{bad:?}");
         }
         assert!(parse_mem("2048M").is_ok() && parse_mem("2").is_ok() && parse_mem("G").is_err());
+    }
+
+    #[test]
+    fn arch_option() {
+        let a = args(&["--arch", "aarch64", "--", "-q"]);
+        assert_eq!(parse_arch(&a).unwrap(), (Arch::Aarch64, &a[2..]));
+        let a = args(&["--arch=x86_64"]);
+        assert_eq!(parse_arch(&a).unwrap(), (Arch::X86_64, &a[1..]));
+        let a = args(&["-p", "tandem"]);
+        assert_eq!(parse_arch(&a).unwrap(), (Arch::X86_64, &a[..]));
+        assert!(parse_arch(&args(&["--arch"])).is_err());
+        assert!(parse_arch(&args(&["--arch", "riscv64"])).is_err());
     }
 
     #[test]

@@ -52,7 +52,8 @@ fn qemu_version() -> Option<(u32, u32)> {
     parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (and so may install packages).
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { geteuid() == 0 }
 }

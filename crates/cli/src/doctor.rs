@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+#[cfg(target_arch = "x86_64")]
 use tandem_vmm::probe::measure;
 use tandem_vmm::vm::{check_kvm, open_kvm, REQUIRED_CAPS};
 
@@ -71,7 +72,13 @@ pub fn main() -> ExitCode {
             "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)",
         );
     }
-    let probe = match measure(&kvm) {
+    speed_verdict(&kvm)
+}
+
+/// The ring-0 speed probe and the verdict.
+#[cfg(target_arch = "x86_64")]
+fn speed_verdict(kvm: &kvm_ioctls::Kvm) -> ExitCode {
+    let probe = match measure(kvm) {
         Ok(p) => p,
         Err(e) => {
             line("ring-0 speed probe", "FAILED");
@@ -99,6 +106,20 @@ pub fn main() -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+/// No probe and no VMs on aarch64 yet.
+#[cfg(not(target_arch = "x86_64"))]
+fn speed_verdict(_kvm: &kvm_ioctls::Kvm) -> ExitCode {
+    line(
+        "ring-0 speed probe",
+        "not implemented on this architecture yet",
+    );
+    println!(
+        "verdict: tandem cannot run guests here: {}",
+        tandem_vmm::VmError::ArchNotImplemented(std::env::consts::ARCH)
+    );
+    ExitCode::FAILURE
 }
 
 /// What the host offers for sandboxing tandem (informational: none of it is needed to run).

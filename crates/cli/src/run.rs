@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use tandem_net::user::UserNetConfig;
 use tandem_net::Forward;
-use tandem_vmm::boot::BootProtocol;
+use tandem_vmm::BootProtocol;
 use tandem_vmm::{NetConfig, SerialOutput, TapConfig, VmConfig, VmError, VmOutcome};
 
 use tandem_virtio::BlockConfig;
@@ -380,7 +380,8 @@ pub fn main(args: RunArgs) -> ExitCode {
         },
     };
     // Check everything that can be checked before touching the terminal.
-    if let Err(e) = tandem_vmm::vm::validate_devices(&cfg)
+    if let Err(e) = tandem_vmm::arch::ensure_vm_support()
+        .and_then(|()| tandem_vmm::vm::validate_devices(&cfg))
         .and_then(|()| tandem_vmm::vm::open_kvm())
         .and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))
     {

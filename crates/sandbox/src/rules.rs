@@ -41,6 +41,7 @@ const KVMIO: u64 = 0xAE;
 const fn io(nr: u64) -> u64 {
     (KVMIO << 8) | nr
 }
+#[cfg(target_arch = "x86_64")]
 const fn ior(nr: u64, size: usize) -> u64 {
     (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
 }

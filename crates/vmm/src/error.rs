@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
+#[cfg(target_arch = "x86_64")]
 use crate::boot::BootError;
 
 /// Errors from building and running a VM.
@@ -56,11 +57,16 @@ pub enum VmError {
     #[error("guest memory: {0}")]
     Memory(String),
     /// Loading the boot images failed.
+    #[cfg(target_arch = "x86_64")]
     #[error(transparent)]
     Boot(#[from] BootError),
     /// Building the ACPI tables failed.
+    #[cfg(target_arch = "x86_64")]
     #[error("ACPI tables: {0}")]
     Acpi(#[from] crate::acpi::AcpiError),
+    /// This build's architecture cannot boot VMs yet (see [`crate::arch`]).
+    #[error("booting VMs on {0} is not implemented yet (tracked in issue 12)")]
+    ArchNotImplemented(&'static str),
     /// The serial output file could not be created.
     #[error("cannot create serial output file {path}: {source}")]
     SerialFile {
@@ -136,10 +142,12 @@ impl VmError {
             | VmError::PortMap(_)
             | VmError::Channel(_)
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
-            | VmError::Placement(_) => true,
+            | VmError::Placement(_)
+            | VmError::ArchNotImplemented(_) => true,
             VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),
             VmError::Stats(e) => e.is_user_error(),
+            #[cfg(target_arch = "x86_64")]
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
             _ => false,
         }

@@ -6,16 +6,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use tandem_pci::msix::{MsiMessage, MsiRouter};
 
-/// First GSI above the IOAPIC's pins, where MSI routes start.
-pub const FIRST_MSI_GSI: u32 = 24;
+pub use crate::arch::irq::{default_routes, FIRST_MSI_GSI};
 
-fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+/// A route from `gsi` to `pin` of the in-kernel interrupt controller `chip`.
+pub(crate) fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_IRQCHIP,
@@ -36,24 +35,6 @@ fn msi_entry(gsi: u32, msg: MsiMessage) -> kvm_irq_routing_entry {
     e.u.msi.address_hi = (msg.address >> 32) as u32;
     e.u.msi.data = msg.data;
     e
-}
-
-/// KVM's default routes (what the in-kernel irqchip starts with): GSI n to IOAPIC pin n, and
-/// GSIs 0-15 to the PICs too.
-pub fn default_routes() -> Vec<kvm_irq_routing_entry> {
-    let mut v = Vec::new();
-    for gsi in 0..16 {
-        let (chip, pin) = if gsi < 8 {
-            (KVM_IRQCHIP_PIC_MASTER, gsi)
-        } else {
-            (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
-        };
-        v.push(irqchip(gsi, chip, pin));
-    }
-    for gsi in 0..24 {
-        v.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-    }
-    v
 }
 
 /// The routing table; MSI routes are added as the guest programs vectors.
@@ -101,9 +82,11 @@ impl MsiRouter for GsiRoutes {
     }
 }
 
-#[cfg(test)]
+// The legacy pins are the PICs' and the IOAPIC's.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+    use kvm_bindings::KVM_IRQCHIP_IOAPIC;
 
     #[test]
     fn the_table_keeps_the_legacy_pins_and_adds_msi_routes() {

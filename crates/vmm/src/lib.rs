@@ -4,8 +4,9 @@
 //!   with scripted exits;
 //! - [`exit`]: exit dispatch as a pure function; [`vcpu`]: the vCPU state machine; [`kick`]:
 //!   stopping vCPU threads with one signal each;
-//! - [`layout`], [`boot`], [`acpi`], [`cpuid`], [`regs`]: what the guest finds at boot, each a
-//!   pure builder with unit tests;
+//! - [`arch`]: what differs between host architectures; on x86_64 `layout`, `boot`, `acpi`,
+//!   `cpuid`, `regs` (what the guest finds at boot, each a pure builder with unit tests) and the
+//!   doctor's ring-0 `probe`, also re-exported here;
 //! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
 //! - [`irq`]: the GSI routing table with the MSI routes of MSI-X vectors;
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
@@ -13,31 +14,43 @@
 //! - [`realtime`]: the exits a realtime VM leaves to the guest, and halt polling;
 //! - [`stats`]: exit accounting (KVM's binary statistics, exits by device) on a stats socket;
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP as events that stop the VM cleanly;
-//! - [`vm`]: assembles a VM from a [`vm::VmConfig`] and runs it; [`probe`]: the doctor's checks.
+//! - [`vm`]: a VM's configuration ([`vm::VmConfig`]) and its checks; [`run()`]: builds and runs
+//!   it.
 #![deny(missing_docs)]
 
-pub mod acpi;
-pub mod boot;
+pub mod arch;
 pub mod bus;
-pub mod cpuid;
 pub mod error;
 pub mod event_loop;
 pub mod exit;
 pub mod hypervisor;
 pub mod irq;
 pub mod kick;
-pub mod layout;
 pub mod pci;
 pub mod placement;
-pub mod probe;
 pub mod realtime;
-pub mod regs;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
+#[cfg(target_arch = "x86_64")]
+mod run;
+
+pub use arch::layout;
+#[cfg(target_arch = "x86_64")]
+pub use arch::x86_64::{acpi, boot, cpuid, probe, regs};
 pub use error::VmError;
 pub use pci::ChannelConfig;
-pub use vm::{run, NetConfig, SerialOutput, TapConfig, VirtioTransport, VmConfig, VmOutcome};
+#[cfg(target_arch = "x86_64")]
+pub use run::run;
+pub use vm::{
+    BootProtocol, NetConfig, SerialOutput, TapConfig, VirtioTransport, VmConfig, VmOutcome,
+};
+
+/// Builds the VM described by `cfg` and runs it: on this architecture, not implemented yet.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn run(_cfg: &VmConfig) -> Result<VmOutcome, VmError> {
+    Err(VmError::ArchNotImplemented(std::env::consts::ARCH))
+}

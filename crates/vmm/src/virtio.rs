@@ -13,10 +13,20 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use tandem_sandbox::{Sandbox, ThreadKind};
 
-use crate::acpi::VirtioSlot;
 use crate::bus::DeviceBus;
 use crate::error::VmError;
 use crate::layout;
+
+/// A virtio-mmio device's window and interrupt, for the firmware tables that announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Guest-physical base of its registers.
+    pub addr: u64,
+    /// Window length.
+    pub len: u64,
+    /// Its GSI (on x86: an IOAPIC pin), edge-triggered, active high.
+    pub gsi: u32,
+}
 
 /// What the I/O thread serves.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;

@@ -94,72 +94,13 @@ impl Vcpu for KvmVcpu {
     }
 
     fn dump_state(&self) -> String {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => describe_state(&r, &s),
-            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
-        }
+        crate::arch::regs::dump_state(&self.fd)
     }
-}
-
-/// One line of a vCPU's registers for a failure report. A vCPU found at the reset vector in real
-/// mode was reset by KVM (on AMD, KVM reinitialises the vCPU when the guest shuts down), so its
-/// registers say nothing of the fault and are not shown as if they did.
-fn describe_state(r: &kvm_bindings::kvm_regs, s: &kvm_bindings::kvm_sregs) -> String {
-    const CR0_PE: u64 = 1;
-    if r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cr0 & CR0_PE == 0 {
-        return "registers at the fault unknown: KVM had already reset the vCPU".into();
-    }
-    format!(
-        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} \
-         rdi={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-        r.rip,
-        r.rsp,
-        r.rflags,
-        r.rax,
-        r.rbx,
-        r.rcx,
-        r.rdx,
-        r.rsi,
-        r.rdi,
-        s.cr0,
-        s.cr3,
-        s.cr4,
-        s.efer,
-        s.cs.selector
-    )
 }
 
 impl KvmVcpu {
     /// Makes the next `KVM_RUN` return at once (set from the signal that kicks the vCPU).
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(on));
-    }
-}
-
-#[cfg(test)]
-mod state_tests {
-    use super::describe_state;
-    use kvm_bindings::{kvm_regs, kvm_sregs};
-
-    #[test]
-    fn a_vcpu_reset_by_kvm_is_not_reported_as_the_fault_state() {
-        let mut r = kvm_regs {
-            rip: 0xfff0,
-            rflags: 2,
-            ..Default::default()
-        };
-        let mut s = kvm_sregs::default();
-        s.cs.selector = 0xf000;
-        s.cr0 = 0x10;
-        assert!(describe_state(&r, &s).contains("unknown"));
-        r.rip = 0xffff_ffff_8100_0000;
-        s.cs.selector = 0x10;
-        s.cr0 = 0x8005_0033;
-        let line = describe_state(&r, &s);
-        assert!(line.starts_with("rip=0xffffffff81000000 "), "{line}");
-        assert!(
-            line.contains("cr0=0x80050033") && line.contains("cs=0x10"),
-            "{line}"
-        );
     }
 }

@@ -89,17 +89,7 @@ pub enum KernelFormat {
     Elf,
 }
 
-/// How the boot vCPU enters the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BootProtocol {
-    /// PVH when the kernel has a PVH entry (ELF with `CONFIG_PVH`), else the Linux 64-bit protocol.
-    #[default]
-    Auto,
-    /// The Linux boot protocol's 64-bit entry, with the zero page in RSI.
-    Linux,
-    /// The PVH 32-bit entry, with `hvm_start_info` in RBX.
-    Pvh,
-}
+pub use crate::vm::BootProtocol;
 
 /// Where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

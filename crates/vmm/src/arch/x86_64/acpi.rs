@@ -16,6 +16,8 @@ use acpi_tables::{aml, Aml};
 use tandem_devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, S5_SLEEP_TYPE};
 use tandem_devices::serial::{COM1_BASE, COM1_IRQ, UART_PORTS};
 
+pub use crate::virtio::VirtioSlot;
+
 use crate::layout::{
     ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_END, PCI_MMIO_START, RESET_VECTOR,
 };
@@ -245,17 +247,6 @@ fn madt(cpus: usize) -> Vec<u8> {
     bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
     fix_checksum(&mut bytes);
     bytes
-}
-
-/// A virtio-mmio device's window and interrupt, for the DSDT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VirtioSlot {
-    /// Guest-physical base of its registers.
-    pub addr: u64,
-    /// Window length.
-    pub len: u64,
-    /// Its GSI (IOAPIC pin), edge-triggered, active high.
-    pub gsi: u32,
 }
 
 /// Builds the tables for `cpus` vCPUs, the given virtio devices and, when `pci`, the PCI root

@@ -1,0 +1,28 @@
+//! What differs between host architectures, behind one interface; everything else in this
+//! crate (devices, virtio, PCI, the vCPU run loop, placement, stats) is shared.
+//!
+//! Each architecture's module provides:
+//! - `layout`: the guest-physical memory map (RAM regions, virtio-mmio slots, PCI window,
+//!   interrupt numbers);
+//! - `irq`: the interrupt controller's default routes and the first GSI free for MSIs;
+//! - `REQUIRED_CAPS`, `ensure_vm_support`, `validate_boot`: the host and image checks;
+//! - `create_platform`, `add_platform_devices`, `load_boot_images`, `configure_vcpu`: the parts
+//!   of building a VM that [`crate::run`] calls;
+//! - `regs::dump_state`: a vCPU's registers for a failure report.
+//!
+//! `x86_64` implements all of it. On aarch64 only the memory map and interrupt numbering
+//! exist so far: booting VMs there is not implemented yet (issue 12), and [`crate::run`] says
+//! so.
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::*;
+
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::*;
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("tandem runs on x86_64 and aarch64 hosts only");
