@@ -16,8 +16,8 @@ const MARKER: &str = "BOOT-MARKER-42";
 /// leaves out initcalls under 100 µs that printed nothing (their time falls to the next phase):
 /// a long serial output raises the testbed's fault rate (docs/testbed.md).
 const EXEC: &str = "echo BOOT-MARKER-$((40+2)); sleep 2; echo DMESG-BEGIN; dmesg | awk '\
-    / calling  /{b=$0;k=1;next} \
-    / initcall .* after /{match($0,/after [0-9]+/);u=substr($0,RSTART+6,RLENGTH-6)+0;\
+    /^.[ 0-9.]*] calling  /{b=$0;k=1;next} \
+    /^.[ 0-9.]*] initcall .* after /{match($0,/after [0-9]+/);u=substr($0,RSTART+6,RLENGTH-6)+0;\
     if(u>=100||k>1)print b RS $0;k=0;next} \
     k{b=b RS $0;k++;next} {print}'; echo DMESG-END";
 const FC_CONFIG: &str = "/tmp/fc-trace.json";
@@ -305,6 +305,14 @@ mod tests {
                    LOG firecracker [ 9.0] other\nLOG tandem DMESG-END\nLOG tandem [ 3.0] late\n";
         assert_eq!(dmesg_of(out, "tandem"), ["[ 0.2] a"]);
         assert!(dmesg_of(out, "firecracker").is_empty());
+    }
+
+    #[test]
+    fn the_log_filter_cannot_match_the_command_line_that_carries_it() {
+        // The kernel logs its command line, which holds the filter: the filter's patterns must
+        // only match log lines whose text starts with "calling" or "initcall".
+        assert!(EXEC.contains("/^.[ 0-9.]*] calling  /"));
+        assert!(EXEC.contains("/^.[ 0-9.]*] initcall .* after /"));
     }
 
     #[test]
