@@ -1,6 +1,9 @@
 //! `cargo xtask bench boot --trace`: where boot time goes, tandem against Firecracker, in one
-//! testbed run. Both boot the same ELF vmlinux (PVH for tandem) with `initcall_debug
-//! printk.time=1` (no `quiet`); at the marker the test host reads KVM's per-VM counters from
+//! testbed run. Both boot the same ELF vmlinux (PVH for tandem) with the bench's command line
+//! plus `initcall_debug printk.time=1`. `quiet` stays: the log is read with `dmesg` after the
+//! marker, so nothing is lost, and without it the console's output (the same in both, but
+//! flushed inside whichever initcall happens to print) dominates and blurs the per-initcall
+//! times (measured 2026-12-01: 36,000 port exits for the serial port in each VMM). At the marker the test host reads KVM's per-VM counters from
 //! debugfs (and `tandem stats`), then the guest prints its kernel log. The host side saves both
 //! logs under `target/bench-boot-trace/` and prints the initcalls and boot phases with the largest
 //! tandem-minus-Firecracker time. Times are the guest's own printk clock (emulated in the testbed).
@@ -26,7 +29,7 @@ const FC_CONFIG: &str = "/tmp/fc-trace.json";
 fn cmdline(fc: bool) -> String {
     let end = if fc { "; reboot -f" } else { "" };
     format!(
-        "console=ttyS0 reboot=k panic=-1 initcall_debug printk.time=1 log_buf_len=4M tandem.exec=\"{EXEC}{end}\""
+        "console=ttyS0 reboot=k panic=-1 quiet initcall_debug printk.time=1 log_buf_len=4M tandem.exec=\"{EXEC}{end}\""
     )
 }
 
