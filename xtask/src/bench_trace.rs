@@ -38,8 +38,12 @@ mount -t debugfs none /sys/kernel/debug 2>/dev/null
 counters() {
   d=$(ls -d /sys/kernel/debug/kvm/$1-* 2>/dev/null | head -1)
   [ -n "$d" ] || d=$(ls -d /sys/kernel/debug/kvm/*-* 2>/dev/null | head -1)
-  for k in exits io_exits mmio_exits insn_emulation irq_exits halt_exits irq_window_exits irq_injections; do
-    printf '%s=%s ' $k "$(cat $d/$k 2>/dev/null || echo 0)"
+  # Every counter KVM keeps for the VM (exits by kind, page faults, ...), non-zero ones.
+  for f in $d/*; do
+    [ -f "$f" ] || continue
+    v=$(cat "$f" 2>/dev/null) || continue
+    case "$v" in ''|*[!0-9]*|0) continue ;; esac
+    printf '%s=%s ' "${f##*/}" "$v"
   done
 }
 # trace NAME CMD...: boots, reads the counters at the marker, prints the console with a prefix.
