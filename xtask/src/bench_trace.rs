@@ -167,6 +167,17 @@ pub fn trace(root: &Path) -> Result<i32, String> {
             (a - b) * 1e3
         );
     }
+    println!("\nThe 10 with the largest Firecracker-minus-tandem time:");
+    println!("| initcall or phase | tandem (ms) | Firecracker (ms) | difference (ms) |");
+    println!("| --- | --- | --- | --- |");
+    for (k, b, a) in top_differences(&f, &t, 10) {
+        println!(
+            "| {k} | {:.1} | {:.1} | {:+.1} |",
+            a * 1e3,
+            b * 1e3,
+            (a - b) * 1e3
+        );
+    }
     Ok(0)
 }
 
