@@ -1,10 +1,11 @@
-//! `cargo xtask bench boot`: boot time and VMM memory overhead, tandem against QEMU, in one
-//! testbed run.
+//! `cargo xtask bench boot`: boot time and VMM memory overhead, tandem against Firecracker (built
+//! from source, see [`crate::firecracker`]) and QEMU, in one testbed run.
 //!
 //! Inside the test host, `xtask bench-run` (this same binary, carried in) starts each VMM,
 //! timestamps the moment the guest's marker appears on its console and the moment the process
 //! exits, and samples `/proc/PID/smaps` for the VMM's resident memory outside its guest-RAM
-//! mapping. The host side prints min/median/max and ratios to QEMU `-M pc`.
+//! mapping. The host side prints min/median/max and ratios to the best peer (the peer with the
+//! lowest median for that column).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,18 +13,30 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{assets, bench_dev, tasks};
+use crate::{assets, bench_dev, firecracker, tasks};
 
 const ROUNDS: usize = 5;
-const MEM_MIB: u64 = 512;
+const MEM_MIB: u64 = 256;
 const CPUS: u32 = 1;
 const MARKER: &str = "BOOT-MARKER-42";
 /// The guest computes the marker, so the kernel's echo of its command line cannot match it.
 const GUEST_EXEC: &str = "echo BOOT-MARKER-$((40+2))";
+/// Firecracker's guests cannot power off (hardware-reduced ACPI without a sleep register: Linux
+/// halts), so its guest ends as Firecracker documents, with a reset (`reboot=k`).
+const FC_GUEST_EXEC: &str = "echo BOOT-MARKER-$((40+2)); reboot -f";
 
-/// The VMMs compared, as (name, command line in the test host).
-fn configs() -> Vec<(&'static str, String)> {
-    let append = format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\\\"{GUEST_EXEC}\\\"");
+/// Where the Firecracker configuration lies in the test host.
+const FC_CONFIG: &str = "/tmp/fc-boot.json";
+
+/// The guest's command line (the same for every VMM but for how the guest ends).
+fn cmdline(exec: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\"{exec}\"")
+}
+
+/// The VMMs compared, as (name, command line in the test host); Firecracker's row when `fc`.
+fn configs(fc: bool) -> Vec<(&'static str, String)> {
+    // For `sh -c '...'`: the marker's `$((40+2))` must reach the guest unexpanded.
+    let append = cmdline(GUEST_EXEC).replace('"', "\\\"").replace('$', "\\$");
     let tandem = |kernel: &str| {
         format!("TANDEM_LOG=info tandem run --kernel {kernel} --initrd /guests/initramfs.cpio.gz --cpus {CPUS} --memory {MEM_MIB}M --cmdline \"{append}\"")
     };
@@ -35,9 +48,18 @@ fn configs() -> Vec<(&'static str, String)> {
              -initrd /guests/initramfs.cpio.gz -append \"{append}\""
         )
     };
-    vec![
+    let mut v = vec![
         ("tandem-bzImage", tandem("/guests/vmlinuz")),
         ("tandem-vmlinux", tandem("/guests/vmlinux")),
+    ];
+    if fc {
+        // Unjailed, no API socket; its serial console is its stdout.
+        v.push((
+            "firecracker-vmlinux",
+            format!("firecracker --no-api --config-file {FC_CONFIG}"),
+        ));
+    }
+    v.extend([
         ("qemu-pc", qemu("pc", "")),
         ("qemu-microvm", qemu("microvm", "")),
         // QEMU trimmed as far as it goes: no default devices (VGA, IDE, floppy, ...).
@@ -45,18 +67,32 @@ fn configs() -> Vec<(&'static str, String)> {
             "qemu-pc-nodefaults",
             qemu("pc", "-nodefaults -no-user-config"),
         ),
-    ]
+    ]);
+    v
+}
+
+/// Whether a row is a peer (not tandem).
+fn is_peer(name: &str) -> bool {
+    !name.starts_with("tandem")
 }
 
 /// `cargo xtask bench boot`.
 pub fn boot(root: &Path) -> Result<i32, String> {
     tasks::ensure_host_packages()?;
+    let fc = match firecracker::binary() {
+        Ok(bin) => Some(bin),
+        Err(e) => {
+            eprintln!("bench: no Firecracker row ({e}); comparing with QEMU alone");
+            None
+        }
+    };
     tasks::cargo(root, &["build", "--release", "-p", "tandem"])?;
     assets::ensure(&assets::cache_root()?)?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let configs = configs(fc.is_some());
     let mut script = String::from("set -u\n");
     for round in 1..=ROUNDS {
-        for (name, cmd) in configs() {
+        for (name, cmd) in &configs {
             script.push_str(&format!(
                 "/usr/bin/xtask-bench bench-run {name} {round} {} {MARKER} -- sh -c '{}'\n",
                 MEM_MIB << 20,
@@ -66,23 +102,39 @@ pub fn boot(root: &Path) -> Result<i32, String> {
     }
     eprintln!(
         "bench: {} boots in one testbed run (a few minutes)",
-        ROUNDS * configs().len()
+        ROUNDS * configs.len()
     );
-    let carry = [PathBuf::from(format!(
+    let mut carry = vec![PathBuf::from(format!(
         "{}:/usr/bin/xtask-bench",
         me.display()
     ))];
-    let out = bench_dev::run_testbed(&script, &carry, 850)?;
+    let fc_config = std::env::temp_dir().join(format!("tandem-fc-{}.json", std::process::id()));
+    if let Some(bin) = &fc {
+        let json = firecracker::config(
+            "/guests/vmlinux",
+            "/guests/initramfs.cpio.gz",
+            &cmdline(FC_GUEST_EXEC),
+            CPUS,
+            MEM_MIB,
+        );
+        std::fs::write(&fc_config, json).map_err(|e| e.to_string())?;
+        carry.push(format!("{}:/usr/bin/firecracker", bin.display()).into());
+        carry.push(format!("{}:{FC_CONFIG}", fc_config.display()).into());
+    }
+    let out = bench_dev::run_testbed(&script, &carry, 850);
+    let _ = std::fs::remove_file(&fc_config);
+    let out = out?;
     let rows: Vec<Sample> = out.lines().filter_map(Sample::parse).collect();
-    if rows.len() != ROUNDS * configs().len() {
+    if rows.len() != ROUNDS * configs.len() {
         eprintln!("{out}");
         return Err(format!(
             "expected {} results, got {}",
-            ROUNDS * configs().len(),
+            ROUNDS * configs.len(),
             rows.len()
         ));
     }
-    print_table(&rows);
+    let names: Vec<&str> = configs.iter().map(|(n, _)| *n).collect();
+    print_table(&names, &rows);
     Ok(if rows.iter().all(|r| r.ok) { 0 } else { 1 })
 }
 
@@ -119,28 +171,75 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-fn print_table(rows: &[Sample]) {
-    let names: Vec<&str> = configs().iter().map(|(n, _)| *n).collect();
-    let median = |name: &str, f: &dyn Fn(&Sample) -> f64| {
-        stats(rows.iter().filter(|r| r.name == name).map(f).collect()).1
-    };
-    let base_marker = median("qemu-pc", &|r| r.marker_ms.unwrap_or(f64::NAN));
-    let base_exit = median("qemu-pc", &|r| r.exit_ms);
-    let base_mem = median("qemu-pc", &|r| r.overhead_kib as f64);
+/// A column of the table: heading and value of one boot.
+type Column = (&'static str, fn(&Sample) -> f64);
+
+const COLUMNS: [Column; 4] = [
+    ("to marker (s)", |r| r.marker_ms.unwrap_or(f64::NAN) / 1e3),
+    ("to exit (s)", |r| r.exit_ms / 1e3),
+    ("marker to exit (s)", |r| {
+        (r.exit_ms - r.marker_ms.unwrap_or(f64::NAN)) / 1e3
+    }),
+    ("VMM RSS outside guest RAM (MiB)", |r| {
+        r.overhead_kib as f64 / 1024.0
+    }),
+];
+
+/// Per row, per column: (min, median, max).
+type Stats = Vec<(String, Vec<(f64, f64, f64)>)>;
+
+fn table_stats(names: &[&str], rows: &[Sample]) -> Stats {
+    names
+        .iter()
+        .map(|name| {
+            let mine: Vec<&Sample> = rows.iter().filter(|r| r.name == *name).collect();
+            let cols = COLUMNS
+                .iter()
+                .map(|(_, f)| stats(mine.iter().map(|r| f(r)).collect()))
+                .collect();
+            (name.to_string(), cols)
+        })
+        .collect()
+}
+
+/// For each column, the peer with the lowest median and that median.
+fn best_peers(st: &Stats) -> Vec<Option<(String, f64)>> {
+    (0..COLUMNS.len())
+        .map(|c| {
+            st.iter()
+                .filter(|(n, cols)| is_peer(n) && !cols[c].1.is_nan())
+                .map(|(n, cols)| (n.clone(), cols[c].1))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+        })
+        .collect()
+}
+
+fn print_table(names: &[&str], rows: &[Sample]) {
+    let st = table_stats(names, rows);
+    let best = best_peers(&st);
     println!("boot benchmark: {ROUNDS} boots each, {CPUS} vCPU, {MEM_MIB} MiB, Debian cloud kernel + busybox initramfs, in the nested testbed");
-    println!(
-        "| VMM | to marker min/median/max (s) | ×pc | to exit min/median/max (s) | ×pc | VMM RSS outside guest RAM, median (MiB) | ×pc | VM exits, median | failures |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for name in names {
-        let mine: Vec<&Sample> = rows.iter().filter(|r| r.name == name).collect();
-        let (m0, m1, m2) = stats(
-            mine.iter()
-                .map(|r| r.marker_ms.unwrap_or(f64::NAN))
-                .collect(),
-        );
-        let (e0, e1, e2) = stats(mine.iter().map(|r| r.exit_ms).collect());
-        let mem = median(name, &|r| r.overhead_kib as f64);
+    println!("\"marker to exit\": from the guest's power-off (Firecracker: reset, it has no power-off), which follows the marker at once, to the VMM's exit.");
+    for (c, b) in best.iter().enumerate() {
+        match b {
+            Some((n, v)) => println!("best peer for {}: {n} ({v:.2})", COLUMNS[c].0),
+            None => println!("best peer for {}: none", COLUMNS[c].0),
+        }
+    }
+    let mut head = String::from("| VMM |");
+    for (h, _) in COLUMNS {
+        head.push_str(&format!(" {h} min/median/max | ×best peer |"));
+    }
+    println!("{head} VM exits, median | failures |");
+    println!("|{}", " --- |".repeat(2 * COLUMNS.len() + 3));
+    for (name, cols) in &st {
+        let mut line = format!("| {name} |");
+        for (c, (lo, med, hi)) in cols.iter().enumerate() {
+            let ratio = best[c]
+                .as_ref()
+                .map_or("n/a".to_string(), |(_, b)| format!("{:.2}", med / b));
+            line.push_str(&format!(" {lo:.2} / {med:.2} / {hi:.2} | {ratio} |"));
+        }
+        let mine: Vec<&Sample> = rows.iter().filter(|r| &r.name == name).collect();
         let exits: Vec<f64> = mine
             .iter()
             .filter_map(|r| r.exits)
@@ -151,13 +250,8 @@ fn print_table(rows: &[Sample]) {
         } else {
             format!("{:.0}", stats(exits).1)
         };
-        println!(
-            "| {name} | {:.2} / {:.2} / {:.2} | {:.2} | {:.2} / {:.2} / {:.2} | {:.2} | {:.1} | {:.2} | {exits} | {} |",
-            m0 / 1e3, m1 / 1e3, m2 / 1e3, m1 / base_marker,
-            e0 / 1e3, e1 / 1e3, e2 / 1e3, e1 / base_exit,
-            mem / 1024.0, mem / base_mem,
-            mine.iter().filter(|r| !r.ok).count()
-        );
+        let failures = mine.iter().filter(|r| !r.ok).count();
+        println!("{line} {exits} | {failures} |");
     }
 }
 
@@ -307,5 +401,40 @@ mod tests {
             .unwrap()
             .ok
         );
+    }
+
+    #[test]
+    fn ratios_are_to_the_best_peer_per_column_and_tandem_is_no_peer() {
+        let line = |name: &str, marker: u32, exit: u32, kib: u32| {
+            Sample::parse(&format!(
+                "BENCH name={name} round=1 marker_ms={marker} exit_ms={exit} overhead_kib={kib} exits=none rc=0"
+            ))
+            .unwrap()
+        };
+        let rows = [
+            line("tandem-vmlinux", 1000, 1100, 1024),
+            line("firecracker-vmlinux", 2000, 2050, 4096),
+            line("qemu-pc", 3000, 3500, 2048),
+        ];
+        let st = table_stats(&["tandem-vmlinux", "firecracker-vmlinux", "qemu-pc"], &rows);
+        let best = best_peers(&st);
+        let names: Vec<&str> = best
+            .iter()
+            .map(|b| b.as_ref().unwrap().0.as_str())
+            .collect();
+        let values: Vec<f64> = best.iter().map(|b| b.as_ref().unwrap().1).collect();
+        // Firecracker is fastest; QEMU uses less memory than Firecracker; tandem is never a peer.
+        assert_eq!(
+            names,
+            [
+                "firecracker-vmlinux",
+                "firecracker-vmlinux",
+                "firecracker-vmlinux",
+                "qemu-pc"
+            ]
+        );
+        for (v, want) in values.iter().zip([2.0, 2.05, 0.05, 2.0]) {
+            assert!((v - want).abs() < 1e-9, "{v} vs {want}");
+        }
     }
 }

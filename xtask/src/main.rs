@@ -6,8 +6,10 @@ mod bench;
 mod bench_chan;
 mod bench_dev;
 mod bench_rt;
+mod bench_trace;
 mod cpio;
 mod demo;
+mod firecracker;
 mod modules;
 mod rtuser;
 mod tasks;
@@ -32,7 +34,8 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
                                             with a scratch disk and the guest's port 80 at
                                             127.0.0.1:8080; poweroff leaves
        cargo xtask guests-dir               print the cached guest images' directory
-       cargo xtask bench boot               boot time and memory: tandem vs QEMU, in the testbed
+       cargo xtask bench boot [--trace]     boot time and memory: tandem vs Firecracker and QEMU, in the
+                                            testbed; --trace: where boot time goes (initcalls, exits)
        cargo xtask bench rt                 the reference RT guest's exits and latency: tandem vs QEMU
        cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
 
@@ -86,6 +89,9 @@ fn main() {
         },
         Some("guests-dir") => tasks::guests_dir(),
         Some("bench") => match args.get(1).map(String::as_str) {
+            Some("boot") if args.get(2).map(String::as_str) == Some("--trace") => {
+                bench_trace::trace(&root)
+            }
             Some("boot") => bench::boot(&root),
             Some("net") => bench_dev::net(&root),
             Some("blk") => bench_dev::blk(&root),
