@@ -237,7 +237,7 @@ fn map(size: usize, hugepages: bool) -> Result<MmapRegion, VmError> {
 fn map_thp_aligned(size: usize) -> Result<MmapRegion, VmError> {
     let page = page_size();
     let reserve = size
-        .checked_add(HUGE_PAGE)
+        .checked_add(HUGE_PAGE + page)
         .filter(|_| size > 0 && size.is_multiple_of(page))
         .ok_or_else(|| VmError::Memory(format!("{size} bytes of guest RAM cannot be mapped")))?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
@@ -248,14 +248,15 @@ fn map_thp_aligned(size: usize) -> Result<MmapRegion, VmError> {
         return Err(VmError::Memory(io::Error::last_os_error().to_string()));
     }
     let base = base as usize;
-    let start = base.next_multiple_of(HUGE_PAGE);
+    let start = (base + page).next_multiple_of(HUGE_PAGE);
     let (head, tail) = (start - base, base + reserve - (start + size));
-    // SAFETY: the head [base, start) and the tail [start + size, base + reserve) are page-aligned
-    // parts of the mapping just made, outside the range kept; nothing refers to them.
+    // The head [base, start) stays as an inaccessible guard of at least a page. Unmapped, it
+    // would let the kernel place the next mapping (a 2 MiB thread stack) to end exactly at
+    // `start`, 2 MiB-aligned, where a host with THP `always` backs it with a whole huge page.
+    // SAFETY: the head and the tail [start + size, base + reserve) are page-aligned parts of the
+    // mapping just made, outside the range kept; nothing refers to them.
     unsafe {
-        if head > 0 {
-            libc::munmap(base as *mut libc::c_void, head);
-        }
+        libc::mprotect(base as *mut libc::c_void, head, libc::PROT_NONE);
         if tail > 0 {
             libc::munmap((start + size) as *mut libc::c_void, tail);
         }
