@@ -31,6 +31,7 @@ at "general VM started"
 # KVM's counters for process $1's VM (one vCPU), from debugfs: name=value ...
 counters() {
   d=$(ls -d /sys/kernel/debug/kvm/$1-* 2>/dev/null | head -1)
+  [ -n "$d" ] || { echo "missing"; return; }
   for k in exits halt_exits irq_exits io_exits mmio_exits irq_window_exits insn_emulation irq_injections; do
     printf '%s=%s ' $k "$(cat $d/$k 2>/dev/null || echo 0)"
   done
@@ -52,6 +53,9 @@ measure() {
   a=$(counters $pid); ta=$(cut -d' ' -f1 /proc/uptime); [ -n "$sock" ] && ua=$(user_exits $sock)
   sleep WINDOW
   b=$(counters $pid); tb=$(cut -d' ' -f1 /proc/uptime); [ -n "$sock" ] && ub=$(user_exits $sock)
+  # No counters, or none moving, is a broken measurement, never a row of zeros.
+  case "$a $b" in *missing*) at "$name: no KVM counters for process $pid"; echo "RESULT $name failed=1"; return ;; esac
+  [ "${a%% *}" = "${b%% *}" ] && { at "$name: the VM made no exit in the window"; echo "RESULT $name failed=1"; return; }
   secs=$(echo "$tb - $ta" | bc)
   ticks=$(echo "$secs * 1000000 / $period" | bc)
   out="RESULT $name"
@@ -93,7 +97,8 @@ qemu() {
     for t in /proc/$q/task/*; do grep -q '^CPU 0/KVM' $t/comm 2>/dev/null && tid=${t##*/}; done
     sleep 0.1; i=$((i+1))
   done
-  [ -n "$tid" ] && taskset -p -c 1 $tid >/dev/null && chrt -f -p 40 $tid || at "QEMU's vCPU thread not found"
+  # Unpinned, QEMU's figures would not compare: no row rather than a wrong one.
+  [ -n "$tid" ] && taskset -p -c 1 $tid >/dev/null && chrt -f -p 40 $tid || { at "QEMU's vCPU thread not pinned"; kill $q; }
 }
 RT="--realtime --pin-cpus 1 --lock-memory"
 for tag in idle tick; do
