@@ -354,7 +354,7 @@ mod tests {
     #[test]
     fn guest_ram_starts_on_a_huge_page_boundary_and_is_usable() {
         for size in [2 << 20, 64 << 20, (256 << 20) + 4096] {
-            let r = super::map_thp_aligned(size).unwrap();
+            let r = super::map(size, false).unwrap();
             assert_eq!(r.as_ptr() as usize % super::HUGE_PAGE, 0, "{size}");
             assert_eq!(r.size(), size);
             // SAFETY: the region is a writable mapping of `size` bytes.
@@ -366,6 +366,22 @@ mod tests {
         }
         assert!(super::map_thp_aligned(0).is_err());
         assert!(super::map_thp_aligned(4095).is_err());
+    }
+
+    #[test]
+    fn an_inaccessible_guard_lies_right_below_guest_ram() {
+        let r = super::map(32 << 20, false).unwrap();
+        let start = r.as_ptr() as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        // `lo-hi perms ...`: the mapping that ends where guest RAM starts.
+        let below = maps.lines().find(|l| {
+            l.split(['-', ' '])
+                .nth(1)
+                .and_then(|hi| usize::from_str_radix(hi, 16).ok())
+                == Some(start)
+        });
+        let perms = below.and_then(|l| l.split_whitespace().nth(1));
+        assert_eq!(perms, Some("---p"), "{below:?}");
     }
 
     use super::*;
