@@ -113,10 +113,11 @@ pub struct RunArgs {
     /// without booting.
     #[arg(long)]
     dry_run: bool,
-    /// The virtio entropy device: on or off (default: on, but off for a realtime VM, which gets
-    /// only the devices it asks for).
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    rng: Option<bool>,
+    /// The virtio entropy device: on or off (default: off; an x86_64 guest seeds its random
+    /// numbers from the CPU's RDRAND/RDSEED, and each device costs a modular guest a driver load
+    /// at boot).
+    #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    rng: bool,
     /// Per-thread seccomp filters: enforce (a syscall outside a thread's allow-list ends
     /// tandem with SIGSYS and a one-line report), log (allowed, and logged by the kernel as
     /// audit type=1326: see dmesg) or off.
@@ -334,7 +335,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                 d
             })
             .collect(),
-        rng: args.rng.unwrap_or(!args.realtime),
+        rng: args.rng,
         channels: args.channel,
         virtio_transport: args.virtio_transport,
         exits: tandem_vmm::realtime::ExitPolicy::choose(

@@ -179,6 +179,11 @@ fn guest_sees_the_configured_cpus_memory_and_cmdline() {
             cmdline.contains(&format!("tandem.test={tag}")),
             "{name}: /proc/cmdline was {cmdline:?}"
         );
+        // No device on PCI: tandem tells the guest so, and it skips probing for a bus.
+        assert!(
+            cmdline.split_whitespace().any(|a| a == "pci=off"),
+            "{name}: /proc/cmdline was {cmdline:?}"
+        );
     }
 }
 

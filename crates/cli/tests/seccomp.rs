@@ -25,7 +25,7 @@ mkdir -p /tmp/www && echo ok > /tmp/www/hello
 httpd -p 127.0.0.1:8000 -h /tmp/www
 truncate -s 16M /tmp/disk.img
 dmesg -c >/dev/null
-timeout 150 tandem run {BOOT} --cpus 2 --disk path=/tmp/disk.img --net user --seccomp log --serial file:/tmp/s.log --cmdline '{busy}' </dev/null 2>/tmp/s.err &
+timeout 150 tandem run {BOOT} --cpus 2 --rng on --disk path=/tmp/disk.img --net user --seccomp log --serial file:/tmp/s.log --cmdline '{busy}' </dev/null 2>/tmp/s.err &
 pid=$!
 i=0
 while [ $i -lt 600 ] && ! grep -q guest-running /tmp/s.log 2>/dev/null; do sleep 0.2; i=$((i+1)); done

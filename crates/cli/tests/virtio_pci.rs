@@ -21,7 +21,7 @@ fn every_virtio_device_works_over_pci_with_msix() {
 mkdir -p /tmp/www && echo pci-net-ok > /tmp/www/hello
 httpd -p 127.0.0.1:8000 -h /tmp/www
 truncate -s 64M /tmp/pci.img
-run_case pci --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --virtio-transport pci --disk path=/tmp/pci.img --net user --console file:/tmp/hvc.log --cmdline '{guest}'
+run_case pci --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --virtio-transport pci --rng on --disk path=/tmp/pci.img --net user --console file:/tmp/hvc.log --cmdline '{guest}'
 record hvc cat /tmp/hvc.log
 "#
     );

@@ -125,7 +125,7 @@ pub fn load_boot_images(
         Some(p) => Some(boot::load_initrd(mem, cfg.memory, &kernel, p)?),
         None => None,
     };
-    let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
+    let cmdline_len = boot::write_cmdline(mem, &boot::cmdline::guest_cmdline(&cfg.cmdline, pci))?;
     let tables = acpi::build(cfg.vcpus.into(), virtio, pci)?;
     mem.write_slice(&tables.blob, GuestAddress(tables.base))
         .map_err(boot::BootError::from)?;

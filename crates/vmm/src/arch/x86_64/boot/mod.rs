@@ -1,6 +1,7 @@
 //! Loading a Linux kernel (bzImage or ELF vmlinux), its initramfs and command line into guest
 //! memory, and describing them in the zero page.
 
+pub mod cmdline;
 pub mod params;
 pub mod pvh;
 
