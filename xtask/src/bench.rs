@@ -25,8 +25,15 @@ const GUEST_EXEC: &str = "echo BOOT-MARKER-$((40+2))";
 /// halts), so its guest ends as Firecracker documents, with a reset (`reboot=k`).
 const FC_GUEST_EXEC: &str = "echo BOOT-MARKER-$((40+2)); reboot -f";
 
-/// Where the Firecracker configuration lies in the test host.
+/// Where the Firecracker configurations lie in the test host: without a device, and with its
+/// entropy device.
 const FC_CONFIG: &str = "/tmp/fc-boot.json";
+const FC_CONFIG_ENTROPY: &str = "/tmp/fc-boot-entropy.json";
+/// Rows with the same devices, as (tandem, peer): their ratio is printed under the table.
+const LIKE_FOR_LIKE: &[(&str, &str)] = &[
+    ("tandem-vmlinux", "firecracker-vmlinux"),
+    ("tandem-vmlinux-rng", "firecracker-vmlinux-entropy"),
+];
 
 /// The guest's command line (the same for every VMM but for how the guest ends).
 fn cmdline(exec: &str) -> String {
@@ -51,18 +58,19 @@ fn configs(fc: bool) -> Vec<(&'static str, String)> {
     let mut v = vec![
         ("tandem-bzImage", tandem("/guests/vmlinuz", "")),
         ("tandem-vmlinux", tandem("/guests/vmlinux", "")),
-        // Without its one default device (the entropy device), as Firecracker's guest here has
-        // none: what the VMM costs, apart from what the guest spends on a device it is given.
-        (
-            "tandem-vmlinux-rng-off",
-            tandem("/guests/vmlinux", " --rng off"),
-        ),
+        // One device, the entropy device, beside Firecracker's with its own: what a device
+        // costs the boot (mostly the guest's: its driver modules), like for like.
+        ("tandem-vmlinux-rng", tandem("/guests/vmlinux", " --rng on")),
     ];
     if fc {
         // Unjailed, no API socket; its serial console is its stdout.
         v.push((
             "firecracker-vmlinux",
             format!("firecracker --no-api --config-file {FC_CONFIG}"),
+        ));
+        v.push((
+            "firecracker-vmlinux-entropy",
+            format!("firecracker --no-api --config-file {FC_CONFIG_ENTROPY}"),
         ));
     }
     v.extend([
@@ -114,21 +122,29 @@ pub fn boot(root: &Path) -> Result<i32, String> {
         "{}:/usr/bin/xtask-bench",
         me.display()
     ))];
-    let fc_config = std::env::temp_dir().join(format!("tandem-fc-{}.json", std::process::id()));
+    let mut fc_configs = Vec::new();
     if let Some(bin) = &fc {
-        let json = firecracker::config(
-            "/guests/vmlinux",
-            "/guests/initramfs.cpio.gz",
-            &cmdline(FC_GUEST_EXEC),
-            CPUS,
-            MEM_MIB,
-        );
-        std::fs::write(&fc_config, json).map_err(|e| e.to_string())?;
         carry.push(format!("{}:/usr/bin/firecracker", bin.display()).into());
-        carry.push(format!("{}:{FC_CONFIG}", fc_config.display()).into());
+        for (entropy, at) in [(false, FC_CONFIG), (true, FC_CONFIG_ENTROPY)] {
+            let json = firecracker::config(
+                "/guests/vmlinux",
+                "/guests/initramfs.cpio.gz",
+                &cmdline(FC_GUEST_EXEC),
+                CPUS,
+                MEM_MIB,
+                entropy,
+            );
+            let path = std::env::temp_dir()
+                .join(format!("tandem-fc-{}-{entropy}.json", std::process::id()));
+            std::fs::write(&path, json).map_err(|e| e.to_string())?;
+            carry.push(format!("{}:{at}", path.display()).into());
+            fc_configs.push(path);
+        }
     }
     let out = bench_dev::run_testbed(&script, &carry, 850);
-    let _ = std::fs::remove_file(&fc_config);
+    for p in &fc_configs {
+        let _ = std::fs::remove_file(p);
+    }
     let out = out?;
     let rows: Vec<Sample> = out.lines().filter_map(Sample::parse).collect();
     if rows.len() != ROUNDS * configs.len() {
@@ -258,6 +274,16 @@ fn print_table(names: &[&str], rows: &[Sample]) {
         };
         let failures = mine.iter().filter(|r| !r.ok).count();
         println!("{line} {exits} | {failures} |");
+    }
+    for (t, p) in LIKE_FOR_LIKE {
+        let median = |n: &str, c: usize| st.iter().find(|(x, _)| x == n).map(|(_, cols)| cols[c].1);
+        if let (Some(a), Some(b)) = (median(t, 0), median(p, 0)) {
+            println!(
+                "same devices: {t} ÷ {p}, to marker {:.2}, marker to exit {:.2}",
+                a / b,
+                median(t, 2).unwrap_or(f64::NAN) / median(p, 2).unwrap_or(f64::NAN)
+            );
+        }
     }
 }
 

@@ -107,6 +107,6 @@ measure() {
         "two guests, {rounds} round trips of a 32-bit counter, then {mib} MiB from one to the other; \
          exits: the two VMs' user-space exits beyond an idle run's ({idle:.0}), per round trip\n"
     );
-    print_table(&rows, &["rt-per-s", "mb-per-s", "exits-per-rt"], "tcp");
+    print_table(&rows, &["rt-per-s", "mb-per-s", "exits-per-rt"], &["tcp"]);
     Ok(0)
 }

@@ -200,7 +200,7 @@ pub fn rt(root: &Path) -> Result<i32, String> {
         print_table(
             &rows,
             &["min_us", "avg_us", "p999_us", "max_us"],
-            &format!("qemu {guest}"),
+            &[&format!("qemu {guest}")],
         );
         println!();
     }

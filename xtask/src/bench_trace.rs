@@ -90,6 +90,7 @@ pub fn trace(root: &Path) -> Result<i32, String> {
         &cmdline(true),
         1,
         256,
+        false,
     );
     std::fs::write(&cfg, json).map_err(|e| e.to_string())?;
     let carry = [

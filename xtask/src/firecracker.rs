@@ -182,10 +182,19 @@ fn json_str(s: &str) -> String {
 }
 
 /// Firecracker's `--config-file` for a boot with no drives and no network.
-pub fn config(kernel: &str, initrd: &str, cmdline: &str, vcpus: u32, mem_mib: u64) -> String {
+pub fn config(
+    kernel: &str,
+    initrd: &str,
+    cmdline: &str,
+    vcpus: u32,
+    mem_mib: u64,
+    entropy: bool,
+) -> String {
+    // Firecracker's virtio-rng (`entropy`), on virtio-mmio as all its devices without PCI.
+    let entropy = if entropy { "\"entropy\": {},\n  " } else { "" };
     format!(
         "{{\n  \"boot-source\": {{\"kernel_image_path\": {}, \"initrd_path\": {}, \"boot_args\": {}}},\n  \
-         \"drives\": [],\n  \"machine-config\": {{\"vcpu_count\": {vcpus}, \"mem_size_mib\": {mem_mib}, \"smt\": false}}\n}}\n",
+         \"drives\": [],\n  {entropy}\"machine-config\": {{\"vcpu_count\": {vcpus}, \"mem_size_mib\": {mem_mib}, \"smt\": false}}\n}}\n",
         json_str(kernel),
         json_str(initrd),
         json_str(cmdline)
@@ -216,11 +225,15 @@ mod tests {
             "console=ttyS0 tandem.exec=\"echo $((40+2))\"",
             1,
             256,
+            false,
         );
         assert!(c.contains(r#""boot_args": "console=ttyS0 tandem.exec=\"echo $((40+2))\"""#));
         assert!(c.contains(r#""kernel_image_path": "/guests/vmlinux""#));
         assert!(c.contains(r#""vcpu_count": 1, "mem_size_mib": 256"#));
         assert!(c.contains(r#""drives": []"#));
         assert_eq!(json_str("a\\b\n"), r#""a\\b\u000a""#);
+        assert!(!c.contains("entropy"));
+        let e = config("/k", "/i", "", 1, 256, true);
+        assert!(e.contains("\"drives\": [],\n  \"entropy\": {},\n  \"machine-config\""));
     }
 }
