@@ -100,10 +100,17 @@ pub fn ensure_packages() -> Result<(), String> {
 
 /// Debian's cargo, set up to cross-build for [`TARGET`] in [`TARGET_DIR`].
 fn cargo(root: &Path, subcommand: &str) -> Command {
+    cross_cargo(root, subcommand, Path::new(TARGET_DIR))
+}
+
+/// Debian's cargo running `subcommand` in `dir`, set up to cross-build for [`TARGET`] into
+/// `target_dir` (also for other projects: the Firecracker peer of the benchmarks).
+pub fn cross_cargo(dir: &Path, subcommand: &str, target_dir: &Path) -> Command {
     let mut cmd = Command::new(CARGO);
     cmd.arg(subcommand)
-        .args(["--target", TARGET, "--target-dir", TARGET_DIR])
-        .current_dir(root)
+        .args(["--target", TARGET, "--target-dir"])
+        .arg(target_dir)
+        .current_dir(dir)
         // rustup's proxies come first on PATH and would pick its x86_64-only toolchain.
         .env("RUSTC", RUSTC)
         .env("RUSTDOC", RUSTDOC)

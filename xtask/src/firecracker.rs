@@ -7,7 +7,8 @@
 //! build needs no access to GitHub. `TANDEM_FIRECRACKER_REV` picks a commit or tag (default: the
 //! source's `HEAD`). The build uses the toolchain at hand (Firecracker's `rust-toolchain.toml` is
 //! removed from the cache's checkout), Firecracker's own release profile, and the
-//! `x86_64-unknown-linux-gnu` target (for which Firecracker compiles in no seccomp filter).
+//! `x86_64-unknown-linux-gnu` target (for which Firecracker compiles in no seccomp filter); for
+//! aarch64, Debian's cross toolchain and `aarch64-unknown-linux-gnu`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,9 +103,15 @@ pub fn locked_micro_http(lock: &str) -> Option<String> {
         .find_map(|s| Some(s.split_once('#')?.1.trim_end_matches('"').to_string()))
 }
 
-/// A Firecracker binary built from source, or `None` (with the reason) when the source is not at
-/// hand or does not build; the next run reuses a binary built from the same commit.
+/// A Firecracker binary for this machine, built from source, or the reason there is none; the
+/// next run reuses a binary built from the same commit.
 pub fn binary() -> Result<PathBuf, String> {
+    binary_for(false)
+}
+
+/// A Firecracker binary for this machine, or for aarch64 when `aarch64` (cross-built with
+/// Debian's toolchain, as tandem's aarch64 build is, see [`crate::aarch64`]).
+pub fn binary_for(aarch64: bool) -> Result<PathBuf, String> {
     let cache = cache_dir()?;
     let fc_src = std::env::var_os("TANDEM_FIRECRACKER_SRC").map(PathBuf::from);
     let mh_src = std::env::var_os("TANDEM_MICRO_HTTP_SRC").map(PathBuf::from);
@@ -116,7 +123,12 @@ pub fn binary() -> Result<PathBuf, String> {
     }
     let rev = std::env::var("TANDEM_FIRECRACKER_REV").unwrap_or_else(|_| "HEAD".into());
     let commit = checkout(fc_src.as_deref(), &src_dir, &rev)?;
-    let bin = cache.join("bin").join(&commit).join("firecracker");
+    let (target, bin_dir) = if aarch64 {
+        (crate::aarch64::TARGET, format!("{commit}-aarch64"))
+    } else {
+        (TARGET, commit.clone())
+    };
+    let bin = cache.join("bin").join(bin_dir).join("firecracker");
     if bin.exists() {
         return Ok(bin);
     }
@@ -130,26 +142,33 @@ pub fn binary() -> Result<PathBuf, String> {
     for f in ["rust-toolchain.toml", "rust-toolchain"] {
         let _ = std::fs::remove_file(src_dir.join(f));
     }
-    eprintln!("bench: building Firecracker {commit} (once; minutes)");
+    eprintln!("bench: building Firecracker {commit} for {target} (once; minutes)");
     let jobs = std::env::var("CARGO_BUILD_JOBS").unwrap_or_else(|_| "2".into());
-    let status = Command::new("nice")
-        .args([
-            "-n",
-            "10",
-            "cargo",
-            "build",
-            "--release",
-            "-p",
-            "firecracker",
-        ])
-        .args(["--bin", "firecracker", "--target", TARGET, "--config"])
-        .arg(format!(
-            "patch.'{MICRO_HTTP_URL}'.micro_http.path='{}'",
-            mh_dir.display()
-        ))
-        .current_dir(&src_dir)
-        .env("CARGO_BUILD_JOBS", jobs)
-        .env("CARGO_TARGET_DIR", cache.join("target"))
+    let mut cmd = if aarch64 {
+        crate::aarch64::ensure_packages()?;
+        crate::aarch64::cross_cargo(&src_dir, "build", &cache.join("target"))
+    } else {
+        let mut c = Command::new("cargo");
+        c.args(["build", "--target", TARGET])
+            .current_dir(&src_dir)
+            .env("CARGO_TARGET_DIR", cache.join("target"));
+        c
+    };
+    cmd.args([
+        "--release",
+        "-p",
+        "firecracker",
+        "--bin",
+        "firecracker",
+        "--config",
+    ])
+    .arg(format!(
+        "patch.'{MICRO_HTTP_URL}'.micro_http.path='{}'",
+        mh_dir.display()
+    ))
+    .env("CARGO_BUILD_JOBS", jobs);
+    // Below the benchmarks and tests that may run beside it.
+    let status = niced(&cmd)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
@@ -159,11 +178,29 @@ pub fn binary() -> Result<PathBuf, String> {
     }
     let built = cache
         .join("target")
-        .join(TARGET)
+        .join(target)
         .join("release/firecracker");
     std::fs::create_dir_all(bin.parent().ok_or("bad path")?).map_err(|e| e.to_string())?;
     std::fs::copy(&built, &bin).map_err(|e| format!("{}: {e}", built.display()))?;
     Ok(bin)
+}
+
+/// `cmd` run under `nice -n 10`, with its arguments, environment and directory.
+fn niced(cmd: &Command) -> Command {
+    let mut n = Command::new("nice");
+    n.args(["-n", "10"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => n.env(k, v),
+            None => n.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        n.current_dir(d);
+    }
+    n
 }
 
 /// A JSON string literal.
