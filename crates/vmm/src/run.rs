@@ -164,6 +164,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
 
     let mem = crate::placement::create_memory(&vm, cfg.memory, &cfg.placement)?;
 
+    // Every vCPU exists before any device: on aarch64 the GIC is initialised once every vCPU
+    // is, and KVM takes no irqfd before. They are configured once the boot images are loaded.
+    let mut fds = Vec::with_capacity(cfg.vcpus.into());
+    for index in 0..cfg.vcpus {
+        fds.push(
+            vm.create_vcpu(index.into())
+                .map_err(VmError::kvm("KVM_CREATE_VCPU"))?,
+        );
+    }
+    arch::init_vcpus(&platform, &vm, &fds)?;
+
     // Devices.
     let panic = PanicRecord::default();
     let poweroff = EventFdTrigger::new().map_err(VmError::Device)?;
@@ -286,16 +297,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         poweroff: poweroff.try_clone().map_err(VmError::Device)?,
         reset: reset.try_clone().map_err(VmError::Device)?,
     };
-    // Every vCPU is created and configured before any runs: on aarch64 the GIC is initialised
-    // and the device tree (with each vCPU's MPIDR) written only then.
-    let mut fds = Vec::with_capacity(cfg.vcpus.into());
-    for index in 0..cfg.vcpus {
-        let fd = vm
-            .create_vcpu(index.into())
-            .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-        arch::configure_vcpu(&kvm, &vm, &fd, index, cfg, entry)?;
-        stats.add_vcpu(index.into(), &fd);
-        fds.push(fd);
+    // Every vCPU is configured before any runs: on aarch64 the device tree (with each vCPU's
+    // MPIDR) is written only then.
+    for (index, fd) in (0..cfg.vcpus).zip(&fds) {
+        arch::configure_vcpu(&kvm, fd, index, cfg, entry)?;
+        stats.add_vcpu(index.into(), fd);
     }
     arch::finish_platform(&platform, &fds, cfg, &mem, &virtio_slots, entry)?;
     let mut handles = Vec::with_capacity(cfg.vcpus.into());

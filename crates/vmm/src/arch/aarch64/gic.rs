@@ -1,6 +1,6 @@
-//! The in-kernel GICv3: created with `KVM_CREATE_DEVICE` before any device registers an irqfd
-//! (KVM accepts irqfds once the VM has an in-kernel irqchip), initialised once every vCPU
-//! exists (the redistributors are per vCPU). No ITS: it serves MSIs, which only PCI devices
+//! The in-kernel GICv3: created with `KVM_CREATE_DEVICE` before the vCPUs, initialised once
+//! every vCPU exists (the redistributors are per vCPU; no vCPU can be added after) and before
+//! any device registers an irqfd (KVM refuses one with EAGAIN until then). No ITS: it serves MSIs, which only PCI devices
 //! use, and tandem has no PCI bus on aarch64 yet.
 
 use kvm_bindings::{

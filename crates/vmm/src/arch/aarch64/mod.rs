@@ -62,7 +62,7 @@ pub struct Platform {
     gic: gic::Gic,
 }
 
-/// Creates the in-kernel GICv3 (before any irqfd is registered).
+/// Creates the in-kernel GICv3 (before the vCPUs; initialised by [`init_vcpus`]).
 pub fn create_platform(vm: &VmFd) -> Result<Platform, VmError> {
     Ok(Platform {
         gic: gic::Gic::create(vm)?,
@@ -125,34 +125,38 @@ pub fn load_boot_images(
     Ok(entry)
 }
 
-/// Initialises vCPU `index` (PSCI 0.2; powered off unless it is the boot vCPU) and sets the
-/// boot vCPU's registers for `entry`.
+/// Once every vCPU is created, before any device: initialises each (PSCI 0.2; all but the
+/// boot vCPU powered off), then the GIC, which KVM wants before it takes an irqfd.
+pub fn init_vcpus(platform: &Platform, vm: &VmFd, vcpus: &[VcpuFd]) -> Result<(), VmError> {
+    for (index, fd) in (0..=u8::MAX).zip(vcpus) {
+        regs::init_vcpu(vm, fd, index)?;
+    }
+    platform.gic.init()
+}
+
+/// Sets the boot vCPU's registers for `entry`; the others wait for the guest's PSCI `CPU_ON`.
 pub fn configure_vcpu(
     _kvm: &Kvm,
-    vm: &VmFd,
     fd: &VcpuFd,
     index: u8,
     _cfg: &VmConfig,
     entry: Entry,
 ) -> Result<(), VmError> {
-    regs::init_vcpu(vm, fd, index)?;
     if index == 0 {
         regs::set_boot_regs(fd, entry.pc, entry.fdt)?;
     }
     Ok(())
 }
 
-/// Once every vCPU is configured: initialises the GIC, and writes the device tree with the
-/// vCPUs' MPIDRs.
+/// Once every vCPU is configured: writes the device tree with the vCPUs' MPIDRs.
 pub fn finish_platform(
-    platform: &Platform,
+    _platform: &Platform,
     vcpus: &[VcpuFd],
     cfg: &VmConfig,
     mem: &GuestMemoryMmap,
     virtio: &[VirtioSlot],
     entry: Entry,
 ) -> Result<(), VmError> {
-    platform.gic.init()?;
     let mpidrs = vcpus
         .iter()
         .map(regs::read_mpidr)

@@ -158,11 +158,16 @@ pub fn load_boot_images(
     Ok(entry)
 }
 
+/// Once every vCPU is created, before any device: nothing on x86_64 (each is configured by
+/// [`configure_vcpu`]).
+pub fn init_vcpus(_platform: &Platform, _vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<(), VmError> {
+    Ok(())
+}
+
 /// Sets up vCPU `index`: CPUID, MSRs, FPU, local APIC, and for the boot vCPU the registers of
 /// `entry`.
 pub fn configure_vcpu(
     kvm: &Kvm,
-    _vm: &VmFd,
     fd: &VcpuFd,
     index: u8,
     cfg: &VmConfig,
