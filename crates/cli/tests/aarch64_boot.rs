@@ -2,7 +2,8 @@
 //! aarch64`, which cross-builds tandem): Debian's stock arm64 kernel boots under `tandem run`
 //! with 1 and 2 vCPUs, runs a command whose output and the command line reach the host,
 //! `poweroff` exits 0, a reboot 4 and a panic with the panic's status; a virtio-mmio disk
-//! written by the guest holds the data afterwards; virtio-pci is refused in one line.
+//! written by the guest holds the data afterwards; user networking gives a DHCP lease and
+//! carries a TCP connection to the host; virtio-pci is refused in one line.
 //!
 //! One test host session for all of it (each costs tens of seconds of emulation). Until the
 //! shared fixture (`common::run_script`) takes an architecture, this file starts the testbed
@@ -30,6 +31,11 @@ case_ panic $K --cmdline "$C tandem.exec=\"echo c >/proc/sysrq-trigger\""
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
 case_ disk $K --disk path=/tmp/disk.img --cmdline "$C tandem.exec=\"echo written-by-the-guest | dd of=/dev/vda conv=fsync\""
 echo "@@@BEGIN image"; head -c 20 /tmp/disk.img; echo; echo "@@@END image rc=0"
+nc -l -p 7777 >/tmp/got &
+sleep 0.5
+case_ net $K --net user --cmdline "$C tandem.exec=\"sleep 1; udhcpc -i eth0 -n -q -t 5; echo from-the-guest | nc 10.0.2.2 7777\""
+sleep 0.5
+echo "@@@BEGIN host"; cat /tmp/got; echo "@@@END host rc=0"
 case_ pci $K --virtio-transport pci
 echo @@@DONE
 "#;
@@ -54,7 +60,7 @@ fn cases(text: &str) -> HashMap<String, (String, i32)> {
 }
 
 #[test]
-fn stock_arm64_kernel_boots_powers_off_reboots_panics_and_writes_its_disk() {
+fn stock_arm64_kernel_boots_powers_off_reboots_panics_and_uses_its_disk_and_network() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(env!("CARGO"))
         .args(["run", "--quiet", "--package", "xtask", "--", "testbed"])
@@ -108,6 +114,15 @@ fn stock_arm64_kernel_boots_powers_off_reboots_panics_and_writes_its_disk() {
         image.starts_with("written-by-the-guest"),
         "the guest's write reached the image through virtio-mmio: {image:?}\n{disk}"
     );
+
+    let (net, rc) = case("net");
+    assert_eq!(*rc, 0, "{net}");
+    assert!(
+        net.contains("lease of 10.0.2.15"),
+        "DHCP on user networking:\n{net}"
+    );
+    let (host, _) = case("host");
+    assert_eq!(host.trim(), "from-the-guest", "{net}");
 
     let (pci, rc) = case("pci");
     assert_eq!(*rc, 2, "{pci}");
