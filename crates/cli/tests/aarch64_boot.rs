@@ -1,6 +1,7 @@
 //! The aarch64 VM (issue 12) in the aarch64 nested testbed (`cargo xtask testbed --arch
 //! aarch64`, which cross-builds tandem): Debian's stock arm64 kernel boots under `tandem run`
-//! with 1 and 2 vCPUs, runs a command whose output and the command line reach the host,
+//! with 1, 2 and 4 vCPUs and the memory it was given (within 5 %), runs a command whose output
+//! and the command line reach the host,
 //! `poweroff` exits 0, a reboot 4 and a panic with the panic's status; a virtio-mmio disk
 //! written by the guest holds the data afterwards; user networking gives a DHCP lease and
 //! carries a TCP connection to the host; virtio-pci is refused in one line.
@@ -8,6 +9,8 @@
 //! One test host session for all of it (each costs tens of seconds of emulation). Until the
 //! shared fixture (`common::run_script`) takes an architecture, this file starts the testbed
 //! itself; run it under the testbed lock like the other boot tests.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,8 +27,10 @@ case_() {
 }
 K="--kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz --memory 256M --rng off"
 C="console=ttyS0 panic=-1 quiet"
-case_ one $K --cpus 1 --cmdline "$C tandem.exec=\"echo cpus=\$(nproc); cat /proc/cmdline\""
-case_ two $K --cpus 2 --cmdline "$C tandem.exec=\"echo cpus=\$(nproc)\""
+P="echo cpus=\$(nproc); grep -i system.ram /proc/iomem; cat /proc/cmdline"
+case_ one $K --cpus 1 --cmdline "$C tandem.exec=\"$P\""
+case_ two $K --cpus 2 --cmdline "$C tandem.exec=\"$P\""
+case_ four $K --cpus 4 --cmdline "$C tandem.exec=\"$P\""
 case_ reboot $K --cmdline "$C tandem.exec=reboot"
 case_ panic $K --cmdline "$C tandem.exec=\"echo c >/proc/sysrq-trigger\""
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
@@ -81,19 +86,23 @@ fn stock_arm64_kernel_boots_powers_off_reboots_panics_and_uses_its_disk_and_netw
             .unwrap_or_else(|| panic!("no case {name} in:\n{text}"))
     };
 
-    let (one, rc) = case("one");
-    assert_eq!(*rc, 0, "poweroff exits 0:\n{one}");
-    assert!(one.contains("cpus=1"), "{one}");
-    assert!(
-        one.contains("console=ttyS0 panic=-1 quiet tandem.exec="),
-        "{one}"
-    );
-    let (two, rc) = case("two");
-    assert_eq!(*rc, 0, "{two}");
-    assert!(
-        two.contains("cpus=2"),
-        "both vCPUs up by PSCI CPU_ON:\n{two}"
-    );
+    for (name, cpus) in [("one", 1), ("two", 2), ("four", 4)] {
+        let (out, rc) = case(name);
+        assert_eq!(*rc, 0, "{name}: poweroff exits 0:\n{out}");
+        // Secondaries come up by PSCI CPU_ON, each named in the device tree by its MPIDR.
+        assert!(out.contains(&format!("cpus={cpus}\n")), "{name}:\n{out}");
+        assert!(
+            out.contains("console=ttyS0 panic=-1 quiet tandem.exec="),
+            "{name}: the command line reaches /proc/cmdline:\n{out}"
+        );
+        let ram = common::system_ram_bytes(out);
+        let want = 256u64 << 20;
+        let off = (ram as f64 - want as f64).abs() / want as f64;
+        assert!(
+            off <= 0.05,
+            "{name}: guest RAM {ram} bytes, configured {want}:\n{out}"
+        );
+    }
 
     let (reboot, rc) = case("reboot");
     assert_eq!(*rc, 4, "a reboot exits 4:\n{reboot}");
