@@ -45,13 +45,74 @@ const GUEST_MODULES: &[&str] = &[
     // doorbell interrupts.
     "uio_pci_generic",
 ];
-/// The kernel flavours, by metapackage, and the name each `vmlinuz` gets under `/guests`.
-const KERNELS: &[(&str, &str)] = &[
-    ("linux-image-cloud-amd64", "vmlinuz"),
-    ("linux-image-rt-amd64", "vmlinuz-rt"),
-    ("linux-image-amd64", "vmlinuz-generic"),
+/// [`KVM_MODULES`] for arm64, whose KVM is built in; libcrc32c (for nftables) wants the crc32c
+/// algorithm, which x86_64's kernel has built in and arm64's has as a module (a `softdep`, which
+/// the dependencies in `.modinfo` do not name).
+const AARCH64_L1_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "dummy",
+    "tun",
+    "veth",
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_fib_ipv4",
 ];
 const BUSYBOX: &str = "busybox-static";
+
+/// What one architecture's assets are made of.
+pub struct Recipe {
+    /// Prefix of the cache directory's name.
+    prefix: &'static str,
+    /// apt's architecture qualifier for the packages (`:arm64`), empty for this machine's.
+    apt_arch: &'static str,
+    /// How to run the architecture's programs here (qemu-user), if this machine cannot.
+    runner: Option<&'static str>,
+    /// The kernel flavours, by metapackage, and the name each `vmlinuz` gets under `/guests`;
+    /// the first is the test host's and gives the modules.
+    kernels: &'static [(&'static str, &'static str)],
+    /// Modules the test host loads (those the kernel has built in are skipped).
+    l1_modules: &'static [&'static str],
+    /// Whether the x86_64 extras are built: `vmlinux` and the rt-tests initramfs.
+    x86_extras: bool,
+}
+
+/// The x86_64 testbed's assets.
+pub const X86_64: Recipe = Recipe {
+    prefix: "",
+    apt_arch: "",
+    runner: None,
+    kernels: &[
+        ("linux-image-cloud-amd64", "vmlinuz"),
+        ("linux-image-rt-amd64", "vmlinuz-rt"),
+        ("linux-image-amd64", "vmlinuz-generic"),
+    ],
+    l1_modules: KVM_MODULES,
+    x86_extras: true,
+};
+
+/// The aarch64 testbed's assets: Debian's arm64 kernel (KVM built in) and busybox.
+pub const AARCH64: Recipe = Recipe {
+    prefix: "aarch64-",
+    apt_arch: ":arm64",
+    runner: Some("qemu-aarch64"),
+    kernels: &[("linux-image-arm64", "vmlinuz")],
+    l1_modules: AARCH64_L1_MODULES,
+    x86_extras: false,
+};
+
+impl Recipe {
+    /// The recipe of `arch`.
+    pub fn of(arch: crate::Arch) -> &'static Recipe {
+        match arch {
+            crate::Arch::X86_64 => &X86_64,
+            crate::Arch::Aarch64 => &AARCH64,
+        }
+    }
+}
 
 /// A ready set of assets in the cache.
 pub struct Assets {
@@ -85,9 +146,14 @@ pub fn cache_root() -> Result<PathBuf, String> {
     }
 }
 
-/// Returns the cached assets under `root`, building them first if this recipe has none yet.
+/// Returns the cached x86_64 assets under `root`, building them first if this recipe has none yet.
 pub fn ensure(root: &Path) -> Result<Assets, String> {
-    let dir = root.join(format!("v{RECIPE}-{:016x}", recipe_hash()));
+    ensure_recipe(root, &X86_64)
+}
+
+/// Returns the cached assets of recipe `r` under `root`, building them first if needed.
+pub fn ensure_recipe(root: &Path, r: &Recipe) -> Result<Assets, String> {
+    let dir = root.join(format!("{}v{RECIPE}-{:016x}", r.prefix, recipe_hash(r)));
     if dir.join("manifest.txt").is_file() {
         return Ok(Assets { dir });
     }
@@ -98,7 +164,7 @@ pub fn ensure(root: &Path) -> Result<Assets, String> {
     );
     remove_stale(root, ".build-");
     let work = root.join(format!(".build-{}", std::process::id()));
-    let built = build(root, &work);
+    let built = build(root, &work, r);
     if let Err(e) = built {
         let _ = fs::remove_dir_all(&work);
         return Err(e);
@@ -119,28 +185,33 @@ pub fn ensure(root: &Path) -> Result<Assets, String> {
 }
 
 /// FNV-1a over everything that shapes the cached files, so that a recipe change rebuilds them.
-fn recipe_hash() -> u64 {
+fn recipe_hash(r: &Recipe) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     let mut feed = |s: &str| {
         for b in s.bytes().chain([0]) {
             h = (h ^ b as u64).wrapping_mul(0x100000001b3);
         }
     };
-    let kernels = KERNELS.iter().flat_map(|&(package, name)| [package, name]);
-    let modules = KVM_MODULES.iter().chain(GUEST_MODULES).copied();
+    let kernels = r
+        .kernels
+        .iter()
+        .flat_map(|&(package, name)| [package, name]);
+    let modules = r.l1_modules.iter().chain(GUEST_MODULES).copied();
     let rt = crate::rtuser::PACKAGES
         .iter()
-        .chain(crate::rtuser::PROGRAMS);
+        .chain(crate::rtuser::PROGRAMS)
+        .filter(|_| r.x86_extras);
     [GUEST_INIT, UDHCPC_SCRIPT, BUSYBOX]
         .into_iter()
         .chain(kernels)
         .chain(modules)
         .chain(rt.copied())
+        .chain(Some(r.apt_arch).filter(|a| !a.is_empty()))
         .for_each(&mut feed);
     h
 }
 
-fn build(root: &Path, work: &Path) -> Result<(), String> {
+fn build(root: &Path, work: &Path, r: &Recipe) -> Result<(), String> {
     let x = work.join("x");
     let guests = work.join("guests");
     mkdir(&x)?;
@@ -150,13 +221,15 @@ fn build(root: &Path, work: &Path) -> Result<(), String> {
 
     let mut apt = Apt { updated: false };
     let mut pkgs = Vec::new(); // (package, version)
-    for (meta, _) in KERNELS {
-        let real = apt.kernel_of(meta)?;
+    for (meta, _) in r.kernels {
+        let real = apt.kernel_of(&format!("{meta}{}", r.apt_arch))?;
         let version = apt.candidate(&real)?;
         pkgs.push((real, version));
     }
-    pkgs.push((BUSYBOX.to_string(), apt.candidate(BUSYBOX)?));
-    for p in crate::rtuser::PACKAGES {
+    let busybox_pkg = format!("{BUSYBOX}{}", r.apt_arch);
+    let version = apt.candidate(&busybox_pkg)?;
+    pkgs.push((busybox_pkg.clone(), version));
+    for p in crate::rtuser::PACKAGES.iter().filter(|_| r.x86_extras) {
         pkgs.push((p.to_string(), apt.candidate(p)?));
     }
     let files = fetch(&debs, &pkgs)?;
@@ -181,19 +254,26 @@ fn build(root: &Path, work: &Path) -> Result<(), String> {
         })
     })?;
 
-    for ((name, _), (_, dest)) in pkgs.iter().zip(KERNELS) {
+    for ((name, _), (_, dest)) in pkgs.iter().zip(r.kernels) {
         let vmlinuz = single(&x.join(name).join("boot"), "vmlinuz-")?;
         fs::copy(&vmlinuz, guests.join(dest))
             .map_err(|e| format!("copy {}: {e}", vmlinuz.display()))?;
     }
-    eprintln!("testbed: extracting vmlinux from the cloud kernel");
-    crate::vmlinux::extract(&guests.join("vmlinuz"), &guests.join("vmlinux"))?;
+    if r.x86_extras {
+        eprintln!("testbed: extracting vmlinux from the cloud kernel");
+        crate::vmlinux::extract(&guests.join("vmlinuz"), &guests.join("vmlinux"))?;
+    }
 
-    let busybox = x.join(BUSYBOX).join("bin/busybox");
-    let applets = output(
-        Command::new(&busybox).arg("--list-full"),
-        "busybox --list-full",
-    )?;
+    let busybox = x.join(&busybox_pkg).join("bin/busybox");
+    let mut list = match r.runner {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(&busybox);
+            c
+        }
+        None => Command::new(&busybox),
+    };
+    let applets = output(list.arg("--list-full"), "busybox --list-full")?;
     let applets: Vec<&str> = applets
         .lines()
         .map(str::trim)
@@ -206,18 +286,26 @@ fn build(root: &Path, work: &Path) -> Result<(), String> {
     let mods = Modules::open(&x.join(&pkgs[0].0))?;
     eprintln!("testbed: building the guest initramfs");
     guest_initramfs(&guests.join("initramfs.cpio.gz"), &userland, &mods)?;
-    eprintln!("testbed: building the realtime guest initramfs (rt-tests)");
-    crate::rtuser::initramfs(
-        &guests.join("initramfs.cpio.gz"),
-        &guests.join("initramfs-rt.cpio.gz"),
-        &x,
-    )?;
+    if r.x86_extras {
+        eprintln!("testbed: building the realtime guest initramfs (rt-tests)");
+        crate::rtuser::initramfs(
+            &guests.join("initramfs.cpio.gz"),
+            &guests.join("initramfs-rt.cpio.gz"),
+            &x,
+        )?;
+    }
     eprintln!("testbed: building the test host's initramfs");
-    l1_base(&work.join("l1-base.cpio"), &userland, &mods, &guests)?;
+    l1_base(
+        &work.join("l1-base.cpio"),
+        &userland,
+        &mods,
+        r.l1_modules,
+        &guests,
+    )?;
 
     let mut manifest = format!(
         "recipe v{RECIPE}-{:016x}\nkernel release {}\n",
-        recipe_hash(),
+        recipe_hash(r),
         mods.release
     );
     for (name, version) in &pkgs {
@@ -299,16 +387,22 @@ fn guest_initramfs(dest: &Path, userland: &Userland, mods: &Modules) -> Result<(
     w.finish().and_then(Gzip::finish).map_err(err)
 }
 
-/// The static part of the test host's initramfs: busybox, the KVM modules (their load order in
-/// `/etc/testbed/modules`) and everything in `guests` under `/guests`.
-fn l1_base(dest: &Path, userland: &Userland, mods: &Modules, guests: &Path) -> Result<(), String> {
+/// The static part of the test host's initramfs: busybox, the modules `l1_modules` (their load
+/// order in `/etc/testbed/modules`) and everything in `guests` under `/guests`.
+fn l1_base(
+    dest: &Path,
+    userland: &Userland,
+    mods: &Modules,
+    l1_modules: &[&str],
+    guests: &Path,
+) -> Result<(), String> {
     let err = |e: std::io::Error| format!("writing {}: {e}", dest.display());
     // Uncompressed: the test host unpacks it in 0.4 s instead of 1.1 s for gzip -1 (measured).
     let file = fs::File::create(dest).map_err(err)?;
     let mut w = Writer::new(std::io::BufWriter::with_capacity(1 << 20, file));
     userland.add(&mut w).map_err(err)?;
     let mut list = String::new();
-    for name in mods.resolve(KVM_MODULES)? {
+    for name in mods.resolve(l1_modules)? {
         let path = format!("lib/modules/{}/{}", mods.release, mods.out_name(&name));
         w.file(&path, 0o644, &mods.load(&name)?).map_err(err)?;
         list.push_str(&path);
@@ -316,15 +410,13 @@ fn l1_base(dest: &Path, userland: &Userland, mods: &Modules, guests: &Path) -> R
     }
     w.file("etc/testbed/modules", 0o644, list.as_bytes())
         .map_err(err)?;
-    for name in [
-        "vmlinuz",
-        "vmlinuz-rt",
-        "vmlinuz-generic",
-        "vmlinux",
-        "initramfs.cpio.gz",
-        "initramfs-rt.cpio.gz",
-    ] {
-        w.file_from(&format!("guests/{name}"), &guests.join(name))
+    let mut names: Vec<_> = fs::read_dir(guests)
+        .and_then(|d| d.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(err)?;
+    names.sort();
+    for name in names {
+        let name = name.to_string_lossy();
+        w.file_from(&format!("guests/{name}"), &guests.join(&*name))
             .map_err(err)?;
     }
     w.finish().map(drop).map_err(err)
@@ -389,7 +481,13 @@ impl Apt {
 fn fetch(debs: &Path, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>, String> {
     let files: Vec<PathBuf> = pkgs
         .iter()
-        .map(|(n, v)| debs.join(format!("{n}_{}.deb", v.replace(':', "%3a"))))
+        .map(|(n, v)| {
+            debs.join(format!(
+                "{}_{}.deb",
+                n.replace(':', "_"),
+                v.replace(':', "%3a")
+            ))
+        })
         .collect();
     let missing: Vec<usize> = (0..pkgs.len()).filter(|&i| !files[i].is_file()).collect();
     if missing.is_empty() {
@@ -407,7 +505,9 @@ fn fetch(debs: &Path, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>, String>
     }
     let result = run(&mut cmd, "apt-get download").and_then(|()| {
         for &i in &missing {
-            let got = single(&tmp, &format!("{}_", pkgs[i].0))?;
+            // apt-get names the file without the `:ARCH` qualifier.
+            let name = pkgs[i].0.split(':').next().unwrap_or_default();
+            let got = single(&tmp, &format!("{name}_"))?;
             fs::rename(&got, &files[i]).map_err(|e| format!("move {}: {e}", got.display()))?;
         }
         Ok(())

@@ -60,6 +60,7 @@ pub fn demo(root: &Path, args: &[String]) -> Result<i32, String> {
     std::fs::write(&script_path, script).map_err(|e| format!("{}: {e}", script_path.display()))?;
     let stop_port = port.checked_add(1).ok_or("demo: --port too high")?;
     let opts = testbed::Options {
+        arch: crate::Arch::X86_64,
         mem: "2G".into(),
         cpus: 2,
         with: vec![

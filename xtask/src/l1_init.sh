@@ -1,6 +1,7 @@
 #!/bin/sh
 # /init of the testbed's test host (L1), added per run by `cargo xtask testbed`.
-# Loads KVM, runs /testbed/cmd.sh on the console, reports its exit status on ttyS1, powers off.
+# Loads KVM, runs /testbed/cmd.sh on the console ($TESTBED_CONSOLE), reports its exit status on
+# the second serial port ($TESTBED_EXIT), powers off. /testbed/env sets both.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -26,16 +27,16 @@ if [ -e /sys/class/net/eth0 ]; then
 	ip route add default via 10.0.2.2
 fi
 if [ ! -c /dev/kvm ]; then
-	echo "testbed: error: /dev/kvm is missing in the test host (kvm-amd did not load: no SVM in the emulated CPU?)" >&2
+	echo "testbed: error: /dev/kvm is missing in the test host ($TESTBED_KVM_HINT)" >&2
 fi
 # shellcheck disable=SC2086
-stty -F /dev/ttyS0 $TESTBED_STTY
+stty -F "$TESTBED_CONSOLE" $TESTBED_STTY
 cd /
 setsid cttyhack sh /testbed/cmd.sh
 rc=$?
 # Changing a terminal setting waits until the console has sent everything (TCSADRAIN).
-stty -F /dev/ttyS0 -tostop
-echo "TESTBED-EXIT=$rc" >/dev/ttyS1
+stty -F "$TESTBED_CONSOLE" -tostop
+echo "TESTBED-EXIT=$rc" >"$TESTBED_EXIT"
 # Keep the kernel's "reboot: Power down" off the command's output.
 echo 0 >/proc/sys/kernel/printk
 poweroff -f

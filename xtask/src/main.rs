@@ -41,10 +41,16 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
 
 Runs CMD (default: an interactive shell) as root in a nested testbed: QEMU TCG `-cpu max`
 booting Debian's cloud kernel with kvm-amd loaded, so /dev/kvm works inside. Present there:
-/usr/bin/tandem (release build) and /guests/{vmlinuz,vmlinuz-rt,vmlinuz-generic,vmlinux,
-initramfs.cpio.gz,rtref} (rtref: the reference real-time guest, when built). Exits with CMD's status; 124 on timeout; 125 when the testbed failed.
+/usr/bin/tandem (release build; also /tandem) and /guests/{vmlinuz,vmlinuz-rt,vmlinuz-generic,
+vmlinux,initramfs.cpio.gz,rtref} (rtref: the reference real-time guest, when built). Exits with
+CMD's status; 124 on timeout; 125 when the testbed failed.
+
+With --arch aarch64: QEMU TCG `-M virt,virtualization=on,gic-version=3 -cpu max` booting
+Debian's arm64 kernel at EL2 (KVM built in), the cross-built tandem (cargo xtask build --arch
+aarch64) and /guests/{vmlinuz,initramfs.cpio.gz} for arm64.
 
 options:
+  --arch ARCH               x86_64 (default) or aarch64
   --mem SIZE                memory of the test host, as for qemu -m (default 2G)
   --cpus N                  CPUs of the test host (default 2, at most this machine's)
   --with HOSTPATH[:GUESTPATH]
@@ -74,7 +80,7 @@ fn main() {
             if args[0] == "shell" {
                 tasks::shell(&mut opts)
             } else {
-                tasks::ensure_host_packages().and_then(|()| testbed::run(&opts))
+                tasks::ensure_testbed_packages(opts.arch).and_then(|()| testbed::run(&opts))
             }
         }
         Some(task @ ("build" | "test")) => match parse_arch(&args[1..]) {
@@ -124,11 +130,24 @@ fn usage_error(msg: &str) -> ! {
     exit(2)
 }
 
-/// The architectures `build` and `test` build for.
-#[derive(Debug, PartialEq, Eq)]
-enum Arch {
+/// The architectures `build`, `test` and `testbed` build for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// This machine's.
     X86_64,
+    /// 64-bit Arm, cross-built (`aarch64.rs`) and emulated.
     Aarch64,
+}
+
+impl Arch {
+    /// Parses `--arch`'s value.
+    fn parse(value: &str) -> Result<Arch, String> {
+        match value {
+            "x86_64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            other => Err(format!("--arch {other:?}: expected x86_64 or aarch64")),
+        }
+    }
 }
 
 /// Takes a leading `--arch ARCH` (or `--arch=ARCH`) off `args`; x86_64 when there is none.
@@ -141,17 +160,14 @@ fn parse_arch(args: &[String]) -> Result<(Arch, &[String]), String> {
         Some(a) if a.starts_with("--arch=") => (&a["--arch=".len()..], &args[1..]),
         _ => return Ok((Arch::X86_64, args)),
     };
-    match value {
-        "x86_64" => Ok((Arch::X86_64, rest)),
-        "aarch64" | "arm64" => Ok((Arch::Aarch64, rest)),
-        other => Err(format!("--arch {other:?}: expected x86_64 or aarch64")),
-    }
+    Ok((Arch::parse(value)?, rest))
 }
 
 /// Parses the arguments after `testbed`; `None` when help was asked for.
 fn parse_testbed(args: &[String]) -> Result<Option<testbed::Options>, String> {
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut opts = testbed::Options {
+        arch: Arch::X86_64,
         mem: "2G".into(),
         cpus: host_cpus.min(2),
         with: Vec::new(),
@@ -179,6 +195,7 @@ fn parse_testbed(args: &[String]) -> Result<Option<testbed::Options>, String> {
             }
             "-h" | "--help" => return Ok(None),
             "--no-build" => opts.no_build = true,
+            "--arch" => opts.arch = Arch::parse(&value()?)?,
             "--mem" => opts.mem = parse_mem(&value()?)?,
             "--cpus" => {
                 let v = value()?;
@@ -334,6 +351,14 @@ mod tests {
 
     #[test]
     fn arch_option() {
+        let o = parse_testbed(&args(&["--arch", "aarch64", "--cpus", "1", "ls"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (o.arch, o.cmd.as_slice()),
+            (Arch::Aarch64, &["ls".to_string()][..])
+        );
+        assert!(parse_testbed(&args(&["--arch", "mips"])).is_err());
         let a = args(&["--arch", "aarch64", "--", "-q"]);
         assert_eq!(parse_arch(&a).unwrap(), (Arch::Aarch64, &a[2..]));
         let a = args(&["--arch=x86_64"]);

@@ -13,6 +13,8 @@ pub struct Modules {
     /// The kernel release, the name of the directory under `lib/modules`.
     pub release: String,
     by_name: BTreeMap<String, String>,
+    /// Modules built into the kernel (`modules.builtin`), which need no file.
+    builtin: HashSet<String>,
 }
 
 impl Modules {
@@ -42,10 +44,17 @@ impl Modules {
                 by_name.insert(stem.replace('-', "_"), rel);
             }
         }
+        let builtin = fs::read_to_string(release_dir.join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.rsplit('/').next()?.strip_suffix(".ko"))
+            .map(|n| n.replace('-', "_"))
+            .collect();
         Ok(Modules {
             dir: release_dir,
             release,
             by_name,
+            builtin,
         })
     }
 
@@ -58,7 +67,8 @@ impl Modules {
             .ok_or_else(|| format!("kernel module {name} not found in {}", self.release))
     }
 
-    /// The names of `names` and everything they depend on, each module after its dependencies.
+    /// The names of `names` and everything they depend on, each module after its dependencies;
+    /// modules built into the kernel are left out.
     pub fn resolve(&self, names: &[&str]) -> Result<Vec<String>, String> {
         fn visit(
             m: &Modules,
@@ -67,7 +77,7 @@ impl Modules {
             out: &mut Vec<String>,
         ) -> Result<(), String> {
             let name = name.replace('-', "_");
-            if !seen.insert(name.clone()) {
+            if !seen.insert(name.clone()) || (m.builtin.contains(&name) && m.rel(&name).is_err()) {
                 return Ok(());
             }
             for dep in depends(&m.load(&name)?) {

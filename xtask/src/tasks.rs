@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{assets, testbed};
+use crate::{assets, testbed, Arch};
 
 /// Debian packages the host needs, with a command that proves each is there.
 const HOST_PACKAGES: &[(&str, &str)] = &[
@@ -37,6 +37,11 @@ const MIN_QEMU: (u32, u32) = (8, 2);
 /// Where a Debian 12 host gets a QEMU of at least [`MIN_QEMU`].
 const BACKPORTS: &str = "bookworm-backports";
 
+/// The QEMU that emulates an aarch64 test host, and its Debian package.
+const QEMU_AARCH64: (&str, &str) = ("qemu-system-aarch64", "qemu-system-arm");
+/// The QEMU that emulates an x86_64 test host, and its Debian package.
+const QEMU_X86_64: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
+
 /// `(major, minor)` from `qemu-system-x86_64 --version` ("QEMU emulator version 10.0.2 ...").
 fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     let v = text.split("version ").nth(1)?.split_whitespace().next()?;
@@ -44,11 +49,8 @@ fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
-fn qemu_version() -> Option<(u32, u32)> {
-    let out = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()?;
+fn qemu_version(qemu: &str) -> Option<(u32, u32)> {
+    let out = Command::new(qemu).arg("--version").output().ok()?;
     parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -93,15 +95,34 @@ pub fn ensure_host_packages() -> Result<(), String> {
         }
         apt_install(&missing, None)?;
     }
-    ensure_qemu_version()
+    ensure_qemu_version(QEMU_X86_64)
 }
 
-fn ensure_qemu_version() -> Result<(), String> {
+/// What the testbed of `arch` needs on this machine: for x86_64, [`ensure_host_packages`]; for
+/// aarch64, the cross toolchain and qemu-user (the cross build of tandem; the test host's busybox
+/// and tandem's libraries are read under qemu-user) and `qemu-system-aarch64`.
+pub fn ensure_testbed_packages(arch: Arch) -> Result<(), String> {
+    match arch {
+        Arch::X86_64 => ensure_host_packages(),
+        Arch::Aarch64 => {
+            crate::aarch64::ensure_packages()?;
+            ensure_qemu_version(QEMU_AARCH64)
+        }
+    }
+}
+
+/// Makes sure `qemu` (from Debian's `package`) is at least [`MIN_QEMU`], installing it from
+/// Debian's backports on Debian 12 when it is missing or older.
+fn ensure_qemu_version((qemu, package): (&str, &str)) -> Result<(), String> {
     let need = format!("QEMU {}.{} or later", MIN_QEMU.0, MIN_QEMU.1);
-    match qemu_version() {
+    match qemu_version(qemu) {
         Some(v) if v >= MIN_QEMU => return Ok(()),
         Some((a, b)) => eprintln!("xtask: the testbed needs {need}; this host has {a}.{b}"),
-        None => return Err("cannot read the version of qemu-system-x86_64".into()),
+        // Debian 12's own QEMU is too old: take the backport straight away.
+        None if have(qemu) || package == QEMU_X86_64.1 => {
+            return Err(format!("cannot read the version of {qemu}"))
+        }
+        None => eprintln!("xtask: the testbed needs {qemu}, {need}"),
     }
     let bookworm = std::fs::read_to_string("/etc/os-release")
         .is_ok_and(|s| s.lines().any(|l| l == "VERSION_CODENAME=bookworm"));
@@ -109,7 +130,7 @@ fn ensure_qemu_version() -> Result<(), String> {
         return Err(format!(
             "the testbed needs {need} (older TCG lets nested guests' XSETBV bypass KVM; see \
              docs/testbed.md); on Debian 12, as root: add {BACKPORTS} to APT's sources and \
-             apt-get install -t {BACKPORTS} qemu-system-x86"
+             apt-get install -t {BACKPORTS} {package}"
         ));
     }
     let list = Path::new("/etc/apt/sources.list.d/tandem-backports.list");
@@ -118,11 +139,11 @@ fn ensure_qemu_version() -> Result<(), String> {
         format!("deb http://deb.debian.org/debian {BACKPORTS} main\n"),
     )
     .map_err(|e| format!("cannot write {}: {e}", list.display()))?;
-    apt_install(&["qemu-system-x86"], Some(BACKPORTS))?;
-    match qemu_version() {
+    apt_install(&[package], Some(BACKPORTS))?;
+    match qemu_version(qemu) {
         Some(v) if v >= MIN_QEMU => Ok(()),
         _ => Err(format!(
-            "installed qemu-system-x86 from {BACKPORTS}, but it is not {need}"
+            "installed {package} from {BACKPORTS}, but it is not {need}"
         )),
     }
 }
@@ -270,6 +291,13 @@ fn free_port(port: u16) -> u16 {
 /// scratch disk and user-mode networking, the guest's port 80 reached at 127.0.0.1:8080 here
 /// (another port when 8080 is taken; the guest's welcome line says which).
 pub fn shell(opts: &mut testbed::Options) -> Result<i32, String> {
+    if opts.arch != Arch::X86_64 {
+        return Err(
+            "cargo xtask shell boots guests, which tandem cannot on aarch64 yet (issue 12); \
+                    cargo xtask testbed --arch aarch64 gives a shell in the test host"
+                .into(),
+        );
+    }
     ensure_host_packages()?;
     let port = free_port(SHELL_HOST_PORT);
     opts.forwards.push((port, SHELL_HOST_PORT));

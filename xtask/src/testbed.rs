@@ -1,8 +1,10 @@
 //! `cargo xtask testbed`: runs a command inside a QEMU TCG test host (L1) whose emulated AMD CPU
-//! has SVM, so that the host gets a working `/dev/kvm` for tandem to boot L2 guests on.
+//! has SVM (or, with `--arch aarch64`, whose emulated Armv8 CPU has EL2), so that the host gets a
+//! working `/dev/kvm` for tandem to boot L2 guests on.
 
-use crate::assets::{self, Assets};
+use crate::assets::{self, Assets, Recipe};
 use crate::cpio::{Gzip, Writer};
+use crate::Arch;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
@@ -17,15 +19,69 @@ pub const EXIT_TESTBED: i32 = 125;
 pub const EXIT_TIMEOUT: i32 = 124;
 
 const L1_INIT: &str = include_str!("l1_init.sh");
-/// `panic=-1` with QEMU's `-no-reboot` ends the emulator when the test host's kernel dies;
-/// `mitigations=off` because every speculation mitigation costs emulated instructions, and the
-/// emulated CPU needs none.
-const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=1 mitigations=off";
+
+/// How one architecture's test host is emulated.
+struct Platform {
+    /// The emulator.
+    qemu: &'static str,
+    /// Its Debian package.
+    package: &'static str,
+    /// The machine and CPU.
+    machine: &'static [&'static str],
+    /// The test host's kernel command line. `panic=-1` with QEMU's `-no-reboot` ends the
+    /// emulator when the test host's kernel dies; `mitigations=off` because every speculation
+    /// mitigation costs emulated instructions, and the emulated CPU needs none.
+    cmdline: &'static str,
+    /// The first serial port (the console) and the second (where `/init` reports the command's
+    /// exit status), as the test host names them.
+    ttys: (&'static str, &'static str),
+    /// Why `/dev/kvm` could be missing, for `/init`'s error.
+    kvm_hint: &'static str,
+}
+
+const X86_64: Platform = Platform {
+    qemu: "qemu-system-x86_64",
+    package: "qemu-system-x86",
+    machine: &["-accel", "tcg", "-cpu", "max"],
+    cmdline: "console=ttyS0 panic=-1 quiet loglevel=1 mitigations=off",
+    ttys: ("ttyS0", "ttyS1"),
+    kvm_hint: "kvm-amd did not load: no SVM in the emulated CPU?",
+};
+
+/// QEMU's `virt` board with EL2 (`virtualization=on`), so that the kernel starts KVM (VHE), and
+/// the GICv3 whose system registers KVM's vGIC needs; `pauth-impdef=on` makes pointer
+/// authentication cheap to emulate. Its two PL011 UARTs are ttyAMA0 and ttyAMA1.
+const AARCH64: Platform = Platform {
+    qemu: "qemu-system-aarch64",
+    package: "qemu-system-arm",
+    machine: &[
+        "-accel",
+        "tcg",
+        "-M",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        "max,pauth-impdef=on",
+    ],
+    cmdline: "console=ttyAMA0 panic=-1 quiet loglevel=1 mitigations=off",
+    ttys: ("ttyAMA0", "ttyAMA1"),
+    kvm_hint: "KVM did not start: is the emulated CPU without EL2?",
+};
+
+impl Platform {
+    fn of(arch: Arch) -> &'static Platform {
+        match arch {
+            Arch::X86_64 => &X86_64,
+            Arch::Aarch64 => &AARCH64,
+        }
+    }
+}
 /// How much of the console output to keep for the report when the test host dies.
 const TAIL_BYTES: usize = 8192;
 
 /// What to run in the testbed, and how.
 pub struct Options {
+    /// The test host's architecture.
+    pub arch: Arch,
     /// Memory of the test host, as QEMU's `-m` takes it (e.g. `2G`).
     pub mem: String,
     /// CPUs of the test host.
@@ -34,7 +90,8 @@ pub struct Options {
     pub with: Vec<(PathBuf, String)>,
     /// Seconds before the test host is stopped.
     pub timeout: u64,
-    /// Skip `cargo build --release -p tandem` and the reference RT guest's build.
+    /// Skip `cargo build --release -p tandem` (aarch64: its cross build) and the reference RT
+    /// guest's build.
     pub no_build: bool,
     /// TCP ports of this machine's loopback forwarded to ports of the test host (which then
     /// has a network card, eth0 at 10.0.2.15).
@@ -49,6 +106,9 @@ pub fn run(opts: &Options) -> Result<i32, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("xtask has no parent directory")?;
+    if opts.arch == Arch::Aarch64 {
+        return run_aarch64(opts, root);
+    }
     if !opts.no_build {
         eprintln!("testbed: cargo build --release -p tandem");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -64,7 +124,21 @@ pub fn run(opts: &Options) -> Result<i32, String> {
         crate::tasks::build_rtref(root)?;
     }
     let rtref = Some(crate::tasks::rtref_path(root)).filter(|p| p.is_file());
-    let tandem = root.join("target/release/tandem");
+    start(opts, &root.join("target/release/tandem"), rtref.as_deref())
+}
+
+/// [`run`] for the aarch64 test host: the cross build of tandem, and no reference RT guest (an
+/// x86_64 kernel).
+fn run_aarch64(opts: &Options, root: &Path) -> Result<i32, String> {
+    if !opts.no_build {
+        eprintln!("testbed: cargo xtask build --arch aarch64");
+        crate::aarch64::build(root)?;
+    }
+    start(opts, &crate::aarch64::tandem_path(root), None)
+}
+
+/// Gets the assets ready and boots the test host with `tandem` (if it was built) and `rtref`.
+fn start(opts: &Options, tandem: &Path, rtref: Option<&Path>) -> Result<i32, String> {
     let tandem = if tandem.is_file() {
         Some(tandem)
     } else {
@@ -74,13 +148,12 @@ pub fn run(opts: &Options) -> Result<i32, String> {
         );
         None
     };
-
-    let assets = assets::ensure(&assets::cache_root()?)?;
+    let assets = assets::ensure_recipe(&assets::cache_root()?, Recipe::of(opts.arch))?;
     assets::remove_stale(&std::env::temp_dir(), "tandem-testbed-");
     let run_dir = std::env::temp_dir().join(format!("tandem-testbed-{}", std::process::id()));
     fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
-    let result = boot(opts, &assets, tandem.as_deref(), rtref.as_deref(), &run_dir);
+    let result = boot(opts, &assets, tandem, rtref, &run_dir);
     let _ = fs::remove_dir_all(&run_dir);
     result
 }
@@ -106,21 +179,23 @@ fn boot(
     rtref: Option<&Path>,
     run_dir: &Path,
 ) -> Result<i32, String> {
+    let platform = Platform::of(opts.arch);
     let initrd = run_dir.join("initrd");
     let base = assets.l1_base();
     fs::copy(&base, &initrd).map_err(|e| format!("copy {}: {e}", base.display()))?;
-    write_run_archive(opts, tandem, rtref, &initrd)?;
+    write_run_archive(opts, platform, tandem, rtref, &initrd)?;
     let exit_file = run_dir.join("exit");
 
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args("-accel tcg -cpu max -nodefaults -display none -no-reboot -monitor none".split(' '))
+    let mut qemu = Command::new(platform.qemu);
+    qemu.args(platform.machine)
+        .args("-nodefaults -display none -no-reboot -monitor none".split(' '))
         .args(["-nic", &nic(&opts.forwards)])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
         .arg("-kernel")
         .arg(assets.l1_kernel())
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", L1_CMDLINE]);
+        .args(["-append", platform.cmdline]);
     if std::io::stdin().is_terminal() {
         // Ctrl-C goes to the test host's console instead of stopping QEMU.
         qemu.args([
@@ -139,11 +214,10 @@ fn boot(
         .stderr(Stdio::inherit());
 
     let start = Instant::now();
+    let (name, package) = (platform.qemu, platform.package);
     let mut child = qemu.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => {
-            "qemu-system-x86_64 not found (apt-get install qemu-system-x86)".into()
-        }
-        _ => format!("cannot start qemu-system-x86_64: {e}"),
+        std::io::ErrorKind::NotFound => format!("{name} not found (apt-get install {package})"),
+        _ => format!("cannot start {name}: {e}"),
     })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let pump = thread::spawn(move || pump(stdout));
@@ -166,15 +240,15 @@ fn boot(
             eprintln!("testbed: timed out after {} s", opts.timeout);
             Ok(EXIT_TIMEOUT)
         }
-        None if tail.is_empty() && !status.success() => Err(format!(
-            "qemu-system-x86_64 failed to start the test host ({status})"
-        )),
+        None if tail.is_empty() && !status.success() => {
+            Err(format!("{name} failed to start the test host ({status})"))
+        }
         None => {
             eprintln!(
                 "testbed: the test host's kernel died before the command finished (emulator failure, not the command)"
             );
             let secs = start.elapsed().as_secs_f64();
-            eprintln!("testbed: qemu-system-x86_64 ended after {secs:.0} s ({status}); last console output:");
+            eprintln!("testbed: {name} ended after {secs:.0} s ({status}); last console output:");
             // From the kernel's last alarm, if one is in sight; else the last lines.
             let tail = String::from_utf8_lossy(&tail);
             let lines: Vec<&str> = tail.lines().collect();
@@ -216,11 +290,17 @@ fn wait(child: &mut Child, deadline: Instant) -> Result<bool, String> {
 /// `/guests/rtref`, `--with` files) to `initrd`.
 fn write_run_archive(
     opts: &Options,
+    platform: &Platform,
     tandem: Option<&Path>,
     rtref: Option<&Path>,
     initrd: &Path,
 ) -> Result<(), String> {
-    let env = console_env();
+    let (console, exit) = platform.ttys;
+    let env = format!(
+        "TESTBED_CONSOLE=/dev/{console}\nTESTBED_EXIT=/dev/{exit}\nTESTBED_KVM_HINT='{}'\n{}",
+        platform.kvm_hint,
+        console_env()
+    );
     let script = format!(
         "{}\n",
         opts.cmd
@@ -241,6 +321,7 @@ fn write_run_archive(
     let mut libs = BTreeSet::new();
     if let Some(tandem) = tandem {
         w.file_from("usr/bin/tandem", tandem).map_err(io)?;
+        w.symlink("tandem", "/usr/bin/tandem").map_err(io)?;
         libs.extend(shared_libs(tandem));
     }
     if let Some(rtref) = rtref {
@@ -306,18 +387,30 @@ fn console_env() -> String {
     env
 }
 
+/// ELF's `e_machine` for aarch64.
+const EM_AARCH64: u16 = 183;
+
 /// The shared libraries and dynamic loader the ELF executable `exe` needs, as `ldd` lists them;
-/// none for static executables and other files.
+/// none for static executables and other files. An aarch64 executable's are listed by Debian's
+/// arm64 dynamic loader (`libc6:arm64`) under qemu-user, and are the multiarch ones under
+/// `/lib/aarch64-linux-gnu`.
 pub fn shared_libs(exe: &Path) -> Vec<PathBuf> {
-    let mut magic = [0u8; 4];
+    let mut header = [0u8; 20];
     if fs::File::open(exe)
-        .and_then(|mut f| f.read_exact(&mut magic))
+        .and_then(|mut f| f.read_exact(&mut header))
         .is_err()
-        || &magic != b"\x7fELF"
+        || &header[..4] != b"\x7fELF"
     {
         return Vec::new();
     }
-    let Ok(out) = Command::new("ldd")
+    let mut ldd = if u16::from_le_bytes([header[18], header[19]]) == EM_AARCH64 {
+        let mut c = Command::new("qemu-aarch64");
+        c.args(["/lib/ld-linux-aarch64.so.1", "--list"]);
+        c
+    } else {
+        Command::new("ldd")
+    };
+    let Ok(out) = ldd
         .arg(exe)
         .stdin(Stdio::null())
         .stderr(Stdio::null())

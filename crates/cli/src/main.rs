@@ -99,17 +99,20 @@ fn main() -> ExitCode {
     }
 }
 
-// `tandem run` on an architecture that cannot boot VMs yet: bad input (status 2), before
-// /dev/kvm is asked anything (under qemu-user it is this host's x86_64 KVM, whose answers
-// make no sense to an aarch64 program). The integration tests (bad_input.rs) run on
-// x86_64 only, so this one runs in the aarch64 unit tests.
+// An x86 kernel given to the aarch64 build: bad input (status 2), found before /dev/kvm is
+// asked anything (under qemu-user it is this host's x86_64 KVM, whose answers make no sense
+// to an aarch64 program). The integration tests (bad_input.rs) run on x86_64 only, so this
+// one runs in the aarch64 unit tests.
 #[cfg(all(test, not(target_arch = "x86_64")))]
 mod tests {
     use super::*;
 
     #[test]
-    fn run_refuses_as_bad_input_where_vms_cannot_boot_yet() {
-        let kernel = std::env::current_exe().unwrap();
+    fn run_refuses_an_x86_kernel_as_bad_input() {
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let kernel = std::env::temp_dir().join(format!("tandem-bz-{}", std::process::id()));
+        std::fs::write(&kernel, &bz).unwrap();
         let cli = Cli::try_parse_from([
             "tandem".as_ref(),
             "run".as_ref(),
@@ -121,5 +124,6 @@ mod tests {
             panic!("not a run command");
         };
         assert_eq!(run::main(*args), ExitCode::from(EXIT_USAGE));
+        std::fs::remove_file(&kernel).unwrap();
     }
 }

@@ -106,8 +106,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", value_parser = parse_channel)]
     channel: Vec<tandem_vmm::ChannelConfig>,
     /// How virtio devices reach the guest: pci (virtio-pci with MSI-X: interrupts cost the
-    /// guest no exit) or mmio (virtio-mmio, announced in ACPI; no PCI bus).
-    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
+    /// guest no exit) or mmio (virtio-mmio, announced in ACPI or the device tree; no PCI bus).
+    /// Default: pci on x86_64; mmio on aarch64, which has no virtio-pci yet.
+    #[arg(long, value_name = "pci|mmio", default_value = DEFAULT_TRANSPORT, value_parser = parse_transport)]
     virtio_transport: tandem_vmm::VirtioTransport,
     /// Check the arguments and the host (images, disks, ports, KVM, placement), then exit 0
     /// without booting.
@@ -187,6 +188,13 @@ pub(crate) fn parse_forward(s: &str) -> Result<Forward, String> {
 fn parse_channel(s: &str) -> Result<tandem_vmm::ChannelConfig, String> {
     spec::parse_channel(s).map_err(|e| e.to_string())
 }
+
+/// The virtio transport when `--virtio-transport` is not given.
+#[cfg(target_arch = "x86_64")]
+const DEFAULT_TRANSPORT: &str = "pci";
+/// The virtio transport when `--virtio-transport` is not given: aarch64 has no PCI bus yet.
+#[cfg(not(target_arch = "x86_64"))]
+const DEFAULT_TRANSPORT: &str = "mmio";
 
 fn parse_transport(s: &str) -> Result<tandem_vmm::VirtioTransport, String> {
     match s {
@@ -382,6 +390,9 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
     // Check everything that can be checked before touching the terminal.
     if let Err(e) = tandem_vmm::arch::ensure_vm_support()
+        // The images first: a kernel for the other architecture is one clear line, before
+        // any question to KVM.
+        .and_then(|()| tandem_vmm::arch::validate_boot(&cfg))
         .and_then(|()| tandem_vmm::vm::validate_devices(&cfg))
         .and_then(|()| tandem_vmm::vm::open_kvm())
         .and_then(|kvm| tandem_vmm::vm::validate(&cfg, &kvm))

@@ -89,6 +89,30 @@ fn missing_unreadable_and_non_kernel_files() {
     );
 }
 
+// The x86_64 build given an arm64 kernel (issue 12): one line naming what it is, not "not a
+// Linux kernel" (an Image) or a loader error (an aarch64 ELF).
+#[test]
+fn an_arm64_kernel_is_refused_naming_its_architecture() {
+    let mut image = vec![0u8; 0x400];
+    image[56..60].copy_from_slice(b"ARM\x64");
+    let img = std::env::temp_dir().join(format!("tandem-arm64-image-{}", std::process::id()));
+    std::fs::write(&img, &image).unwrap();
+    let mut elf = vec![0u8; 0x400];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+    let vmlinux = std::env::temp_dir().join(format!("tandem-arm64-elf-{}", std::process::id()));
+    std::fs::write(&vmlinux, &elf).unwrap();
+    for (path, what) in [(&img, "an Image"), (&vmlinux, "an ELF vmlinux")] {
+        assert_one_clear_line(
+            &["run", "--kernel", path.to_str().unwrap()],
+            &[],
+            &format!("is an arm64 kernel ({what}); this tandem runs on x86_64"),
+        );
+    }
+    let _ = std::fs::remove_file(img);
+    let _ = std::fs::remove_file(vmlinux);
+}
+
 #[test]
 fn cpu_counts_out_of_range() {
     let k = fake_kernel();

@@ -1,9 +1,10 @@
-//! The 16550A UART on COM1 (vm-superio's model), on the port-I/O bus.
+//! The 16550A UART (vm-superio's model): on the port-I/O bus as COM1 (x86_64), or on the MMIO
+//! bus with byte registers and no shift (aarch64, `ns16550a` in the device tree).
 
 use std::io;
 
-use vm_device::bus::{PioAddress, PioAddressOffset};
-use vm_device::MutDevicePio;
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{MutDeviceMmio, MutDevicePio};
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
@@ -70,6 +71,21 @@ impl MutDevicePio for SerialDevice {
     }
 }
 
+impl MutDeviceMmio for SerialDevice {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        match u16::try_from(offset) {
+            Ok(o) => self.pio_read(PioAddress(0), o, data),
+            Err(_) => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if let Ok(o) = u16::try_from(offset) {
+            self.pio_write(PioAddress(0), o, data);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +137,31 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         dev.pio_write(PioAddress(COM1_BASE), 9, &[1]);
         dev.pio_write(PioAddress(COM1_BASE), 0, &[]);
+    }
+
+    #[test]
+    fn on_the_mmio_bus_registers_are_bytes_at_their_offsets() {
+        let out = Shared::default();
+        let irq = EventFdTrigger::new().unwrap();
+        let mut dev = SerialDevice::new(
+            irq,
+            ConsoleWriter::new(Box::new(out.clone()), PanicRecord::default()),
+        );
+        let base = MmioAddress(0x0900_0000);
+        dev.mmio_write(base, 0, b"A");
+        assert_eq!(&*out.0.lock().unwrap(), b"A");
+        // The line status register (offset 5) says the transmitter is empty.
+        let mut lsr = [0u8];
+        dev.mmio_read(base, 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+        // Beyond the eight registers, or wider than a byte: all ones, writes dropped.
+        let mut d = [0u8; 4];
+        dev.mmio_read(base, 0x800, &mut d[..1]);
+        assert_eq!(d[0], 0xff);
+        dev.mmio_read(base, 0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        dev.mmio_write(base, 1 << 40, b"B");
+        dev.mmio_write(base, 0x10, b"B");
+        assert_eq!(&*out.0.lock().unwrap(), b"A");
     }
 }

@@ -64,6 +64,13 @@ pub enum VmError {
     #[cfg(target_arch = "x86_64")]
     #[error("ACPI tables: {0}")]
     Acpi(#[from] crate::acpi::AcpiError),
+    /// Loading the boot images or building the device tree failed.
+    #[cfg(target_arch = "aarch64")]
+    #[error(transparent)]
+    Boot(#[from] crate::arch::boot::BootError),
+    /// Something asked for that this architecture does not have yet.
+    #[error("{0} is not implemented on this architecture yet (tracked in issue 12)")]
+    NotOnThisArch(&'static str),
     /// This build's architecture cannot boot VMs yet (see [`crate::arch`]).
     #[error("booting VMs on {0} is not implemented yet (tracked in issue 12)")]
     ArchNotImplemented(&'static str),
@@ -143,12 +150,15 @@ impl VmError {
             | VmError::Channel(_)
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_)
+            | VmError::NotOnThisArch(_)
             | VmError::ArchNotImplemented(_) => true,
             VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),
             VmError::Stats(e) => e.is_user_error(),
             #[cfg(target_arch = "x86_64")]
             VmError::Boot(b) => !matches!(b, BootError::Memory(_)),
+            #[cfg(target_arch = "aarch64")]
+            VmError::Boot(b) => b.is_user_error(),
             _ => false,
         }
     }

@@ -1,5 +1,7 @@
 //! Exit dispatch: a pure function from one vCPU exit to what the vCPU loop does next.
 
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+
 use crate::hypervisor::VmExit;
 
 /// The buses a vCPU exit can be routed to.
@@ -51,6 +53,12 @@ impl std::fmt::Display for VcpuStop {
 pub enum ExitAction {
     /// Re-enter the guest.
     Resume,
+    /// The guest asked the machine to power off (PSCI `SYSTEM_OFF`): tell the VMM, which then
+    /// stops every vCPU, and re-enter (KVM keeps a vCPU of a stopped machine asleep).
+    PowerOff,
+    /// The guest asked for a reset (PSCI `SYSTEM_RESET`; a panicking kernel with `panic=-1`):
+    /// tell the VMM, as for [`ExitAction::PowerOff`].
+    Reset,
     /// The run was interrupted; check for requests from the VMM, then re-enter.
     CheckRequests,
     /// Stop this vCPU and report why.
@@ -139,6 +147,8 @@ pub fn handle_exit(exit: VmExit<'_>, bus: &dyn IoBus) -> ExitAction {
         VmExit::Hlt => ExitAction::Resume,
         VmExit::Interrupted => ExitAction::CheckRequests,
         VmExit::Shutdown => ExitAction::Stop(VcpuStop::TripleFault),
+        VmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => ExitAction::PowerOff,
+        VmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET) => ExitAction::Reset,
         VmExit::SystemEvent(t) => ExitAction::Stop(VcpuStop::SystemEvent(t)),
         VmExit::InternalError(s) => ExitAction::Stop(VcpuStop::InternalError(s)),
         VmExit::FailEntry(r) => ExitAction::Stop(VcpuStop::FailEntry(r)),
@@ -245,5 +255,25 @@ mod tests {
             ExitAction::CheckRequests
         );
         assert!(VcpuStop::TripleFault.to_string().contains("triple fault"));
+    }
+
+    // PSCI SYSTEM_OFF and SYSTEM_RESET reach tandem as KVM system events (aarch64): they take
+    // the paths of x86's ACPI power-off and reset, not a vCPU failure.
+    #[test]
+    fn system_events_power_off_and_reset_and_others_stop_the_vcpu() {
+        let bus = Recorder::default();
+        assert_eq!(
+            handle_exit(VmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN), &bus),
+            ExitAction::PowerOff
+        );
+        assert_eq!(
+            handle_exit(VmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET), &bus),
+            ExitAction::Reset
+        );
+        // KVM_SYSTEM_EVENT_CRASH
+        assert_eq!(
+            handle_exit(VmExit::SystemEvent(3), &bus),
+            ExitAction::Stop(VcpuStop::SystemEvent(3))
+        );
     }
 }

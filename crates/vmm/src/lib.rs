@@ -6,7 +6,7 @@
 //!   stopping vCPU threads with one signal each;
 //! - [`arch`]: what differs between host architectures; on x86_64 `layout`, `boot`, `acpi`,
 //!   `cpuid`, `regs` (what the guest finds at boot, each a pure builder with unit tests) and the
-//!   doctor's ring-0 `probe`, also re-exported here;
+//!   doctor's ring-0 `probe`, also re-exported here; on aarch64 `gic`, `regs`, `fdt`, `boot`;
 //! - [`virtio`]: virtio-mmio devices wired to KVM (irqfd, ioeventfd) and their I/O thread;
 //! - [`irq`]: the GSI routing table with the MSI routes of MSI-X vectors;
 //! - [`pci`]: the PCI bus and the inter-VM channels (ivshmem) on it;
@@ -35,7 +35,6 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-#[cfg(target_arch = "x86_64")]
 mod run;
 
 pub use arch::layout;
@@ -43,14 +42,7 @@ pub use arch::layout;
 pub use arch::x86_64::{acpi, boot, cpuid, probe, regs};
 pub use error::VmError;
 pub use pci::ChannelConfig;
-#[cfg(target_arch = "x86_64")]
 pub use run::run;
 pub use vm::{
     BootProtocol, NetConfig, SerialOutput, TapConfig, VirtioTransport, VmConfig, VmOutcome,
 };
-
-/// Builds the VM described by `cfg` and runs it: on this architecture, not implemented yet.
-#[cfg(not(target_arch = "x86_64"))]
-pub fn run(_cfg: &VmConfig) -> Result<VmOutcome, VmError> {
-    Err(VmError::ArchNotImplemented(std::env::consts::ARCH))
-}

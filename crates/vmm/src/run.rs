@@ -1,6 +1,6 @@
 //! Building one VM from a [`VmConfig`] and running it to its end: the shared assembly of
 //! memory, devices, virtio, PCI and vCPU threads, with the architecture's parts from
-//! [`crate::arch`]. Compiled where an architecture implements those parts (x86_64 so far).
+//! [`crate::arch`].
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -22,7 +22,7 @@ use crate::hypervisor::kvm::KvmVcpu;
 use crate::irq::GsiRoutes;
 use crate::pci::PciDevices;
 use crate::signals::StopSignals;
-use crate::vcpu::{run_loop, VcpuReport};
+use crate::vcpu::{run_loop, PowerEvents, VcpuReport};
 use crate::virtio::VirtioDevices;
 use crate::vm::{
     open_kvm, validate, NetConfig, SerialOutput, VirtioTransport, VmConfig, VmOutcome,
@@ -159,9 +159,21 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
         settings.insert("realtime".into(), exits.describe());
     }
     let mut stats = crate::stats::Collector::new(vm.as_ref(), settings);
-    arch::create_platform(&vm)?;
+    // Kept until the vCPUs are configured (aarch64's GIC is initialised then).
+    let platform = arch::create_platform(&vm)?;
 
     let mem = crate::placement::create_memory(&vm, cfg.memory, &cfg.placement)?;
+
+    // Every vCPU exists before any device: on aarch64 the GIC is initialised once every vCPU
+    // is, and KVM takes no irqfd before. They are configured once the boot images are loaded.
+    let mut fds = Vec::with_capacity(cfg.vcpus.into());
+    for index in 0..cfg.vcpus {
+        fds.push(
+            vm.create_vcpu(index.into())
+                .map_err(VmError::kvm("KVM_CREATE_VCPU"))?,
+        );
+    }
+    arch::init_vcpus(&platform, &vm, &fds)?;
 
     // Devices.
     let panic = PanicRecord::default();
@@ -256,7 +268,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
             virtio.attach(&vm, &mut bus, &mem, dev, &name)?;
         }
     }
-    let entry = arch::load_boot_images(cfg, &mem, virtio.slots(), has_pci)?;
+    let virtio_slots = virtio.slots().to_vec();
+    let entry = arch::load_boot_images(cfg, &mem, &virtio_slots, has_pci)?;
     let mut stats_server = cfg
         .stats_socket
         .as_deref()
@@ -280,14 +293,21 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let finished = Arc::new(crate::kick::VcpusFinished::default());
     crate::kick::register_handler().map_err(VmError::Device)?;
+    let power = PowerEvents {
+        poweroff: poweroff.try_clone().map_err(VmError::Device)?,
+        reset: reset.try_clone().map_err(VmError::Device)?,
+    };
+    // Every vCPU is configured before any runs: on aarch64 the device tree (with each vCPU's
+    // MPIDR) is written only then.
+    for (index, fd) in (0..cfg.vcpus).zip(&fds) {
+        arch::configure_vcpu(&kvm, fd, index, cfg, entry)?;
+        stats.add_vcpu(index.into(), fd);
+    }
+    arch::finish_platform(&platform, &fds, cfg, &mem, &virtio_slots, entry)?;
     let mut handles = Vec::with_capacity(cfg.vcpus.into());
-    for index in 0..cfg.vcpus {
-        let fd = vm
-            .create_vcpu(index.into())
-            .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-        arch::configure_vcpu(&kvm, &fd, index, cfg, entry)?;
-        stats.add_vcpu(index.into(), &fd);
+    for (index, fd) in (0..cfg.vcpus).zip(fds) {
         let (bus, reports, stop) = (bus.clone(), reports.clone(), stop.clone());
+        let power = power.try_clone().map_err(VmError::Device)?;
         let finished = finished.clone();
         let placement = cfg.placement.clone();
         let done = vcpu_done.try_clone().map_err(VmError::Device)?;
@@ -304,7 +324,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
                 }
                 sandbox.apply_or_exit(ThreadKind::Vcpu);
                 let mut vcpu = KvmVcpu::new(fd);
-                let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &stop);
+                let report = run_loop(index.into(), &mut vcpu, bus.as_ref(), &power, &stop);
                 drop(vcpu);
                 if let Ok(mut r) = reports.lock() {
                     r.push(report);

@@ -2,8 +2,40 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tandem_devices::EventFdTrigger;
+
 use crate::exit::{handle_exit, ExitAction, ExitCounts, IoBus, VcpuStop};
 use crate::hypervisor::{HypervisorError, Vcpu};
+
+/// Where a vCPU passes on the guest's power requests made by exits (PSCI on aarch64): the
+/// eventfds of the VMM's event loop, which device models (x86's ACPI PM, i8042) signal too.
+pub struct PowerEvents {
+    /// Power off.
+    pub poweroff: EventFdTrigger,
+    /// Reset.
+    pub reset: EventFdTrigger,
+}
+
+impl PowerEvents {
+    /// Other handles to the same eventfds.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            poweroff: self.poweroff.try_clone()?,
+            reset: self.reset.try_clone()?,
+        })
+    }
+}
+
+/// Signals `trigger`; the vCPU goes on (the VMM stops it), or stops if the VMM cannot be told.
+fn request(trigger: &EventFdTrigger, event: u32) -> VcpuState {
+    match trigger.write(1) {
+        Ok(()) => VcpuState::Running,
+        Err(e) => {
+            tracing::error!("cannot pass on the guest's power request: {e}");
+            VcpuState::Failed(VcpuStop::SystemEvent(event))
+        }
+    }
+}
 
 /// Where a vCPU is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,11 +63,13 @@ pub struct VcpuReport {
     pub exits: ExitCounts,
 }
 
-/// Runs `vcpu` until it fails or `stop` is set (the VMM sets it, then interrupts `KVM_RUN`).
+/// Runs `vcpu` until it fails or `stop` is set (the VMM sets it, then interrupts `KVM_RUN`);
+/// power requests go to `power`.
 pub fn run_loop(
     index: usize,
     vcpu: &mut dyn Vcpu,
     bus: &dyn IoBus,
+    power: &PowerEvents,
     stop: &AtomicBool,
 ) -> VcpuReport {
     let mut state = VcpuState::Ready;
@@ -50,6 +84,12 @@ pub fn run_loop(
                     exits.record(&exit);
                     match handle_exit(exit, bus) {
                         ExitAction::Resume | ExitAction::CheckRequests => VcpuState::Running,
+                        ExitAction::PowerOff => {
+                            request(&power.poweroff, kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN)
+                        }
+                        ExitAction::Reset => {
+                            request(&power.reset, kvm_bindings::KVM_SYSTEM_EVENT_RESET)
+                        }
                         ExitAction::Stop(reason) => VcpuState::Failed(reason),
                     }
                 }
@@ -91,6 +131,8 @@ mod tests {
                 Some("out") => VmExit::IoOut(0x3f8, b"A"),
                 Some("in") => VmExit::IoIn(0x3fd, &mut self.buf[..1]),
                 Some("intr") => VmExit::Interrupted,
+                Some("off") => VmExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN),
+                Some("reset") => VmExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_RESET),
                 Some("shutdown") | None => VmExit::Shutdown,
                 Some(other) => panic!("bad script entry {other}"),
             })
@@ -120,6 +162,29 @@ mod tests {
         }
     }
 
+    fn power() -> PowerEvents {
+        PowerEvents {
+            poweroff: EventFdTrigger::new().unwrap(),
+            reset: EventFdTrigger::new().unwrap(),
+        }
+    }
+
+    #[test]
+    fn power_requests_reach_the_vmm_and_the_vcpu_goes_on() {
+        let mut v = Scripted {
+            script: vec!["shutdown", "out", "reset", "off"],
+            buf: [0; 4],
+        };
+        let bus = Bus::default();
+        let p = power();
+        let r = run_loop(0, &mut v, &bus, &p, &AtomicBool::new(false));
+        assert_eq!(p.poweroff.read().unwrap(), 1);
+        assert_eq!(p.reset.read().unwrap(), 1);
+        // Not a failure: it ran on to the next exits.
+        assert_eq!(r.exits.total(), 4);
+        assert_eq!(*bus.0.lock().unwrap(), vec![0x3f8]);
+    }
+
     #[test]
     fn runs_until_the_guest_fails_and_reports_registers() {
         let mut v = Scripted {
@@ -127,7 +192,7 @@ mod tests {
             buf: [0; 4],
         };
         let bus = Bus::default();
-        let r = run_loop(1, &mut v, &bus, &AtomicBool::new(false));
+        let r = run_loop(1, &mut v, &bus, &power(), &AtomicBool::new(false));
         assert_eq!(r.state, VcpuState::Failed(VcpuStop::TripleFault));
         assert_eq!(r.exits.total(), 4);
         assert_eq!(
@@ -145,7 +210,7 @@ mod tests {
             script: vec!["out"],
             buf: [0; 4],
         };
-        let r = run_loop(0, &mut v, &Bus::default(), &AtomicBool::new(true));
+        let r = run_loop(0, &mut v, &Bus::default(), &power(), &AtomicBool::new(true));
         assert_eq!(r.state, VcpuState::Stopped);
         assert_eq!(r.exits.total(), 0);
     }

@@ -195,10 +195,10 @@ pub fn check_kvm(kvm: &Kvm) -> Result<usize, VmError> {
 /// Checks a configuration against the host before anything is built.
 pub fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), VmError> {
     let max = check_kvm(kvm)?;
-    if cfg.vcpus == 0 || usize::from(cfg.vcpus) > max.min(254) {
+    if cfg.vcpus == 0 || usize::from(cfg.vcpus) > max.min(layout::MAX_VCPUS) {
         return Err(VmError::VcpuCount {
             requested: cfg.vcpus.into(),
-            max: max.min(254),
+            max: max.min(layout::MAX_VCPUS),
         });
     }
     if cfg.memory < layout::MIN_MEMORY {

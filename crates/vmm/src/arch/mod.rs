@@ -6,13 +6,12 @@
 //!   interrupt numbers);
 //! - `irq`: the interrupt controller's default routes and the first GSI free for MSIs;
 //! - `REQUIRED_CAPS`, `ensure_vm_support`, `validate_boot`: the host and image checks;
-//! - `create_platform`, `add_platform_devices`, `load_boot_images`, `configure_vcpu`: the parts
-//!   of building a VM that [`crate::run`] calls;
+//! - `Platform`, `create_platform`, `init_vcpus`, `add_platform_devices`, `load_boot_images`,
+//!   `configure_vcpu`, `finish_platform`: the steps of building a VM that [`crate::run`]
+//!   calls, in that order;
 //! - `regs::dump_state`: a vCPU's registers for a failure report.
 //!
-//! `x86_64` implements all of it. On aarch64 only the memory map and interrupt numbering
-//! exist so far: booting VMs there is not implemented yet (issue 12), and [`crate::run`] says
-//! so.
+//! `x86_64` and `aarch64` implement all of it (aarch64 without PCI so far, issue 12).
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -15,8 +15,25 @@
 
 /// Start of the GIC's registers.
 pub const GIC_BASE: u64 = 0x0800_0000;
+/// The GICv3 distributor's registers (64 KiB).
+pub const GIC_DIST_BASE: u64 = GIC_BASE;
+/// Size of the distributor's registers.
+pub const GIC_DIST_SIZE: u64 = 0x1_0000;
+/// The redistributors, one [`GIC_REDIST_SIZE`] frame pair per vCPU (after QEMU's `virt`,
+/// which keeps the 512 KiB between for an ITS).
+pub const GIC_REDIST_BASE: u64 = 0x080a_0000;
+/// Size of one vCPU's redistributor (its RD and SGI frames).
+pub const GIC_REDIST_SIZE: u64 = 0x2_0000;
 /// Start of the platform devices' registers (UART, RTC).
 pub const PLATFORM_MMIO_BASE: u64 = 0x0900_0000;
+/// Most vCPUs: as many redistributors as fit below the platform devices.
+pub const MAX_VCPUS: usize = ((PLATFORM_MMIO_BASE - GIC_REDIST_BASE) / GIC_REDIST_SIZE) as usize;
+/// The 16550-compatible UART's registers (one page; byte registers, no shift).
+pub const SERIAL_BASE: u64 = PLATFORM_MMIO_BASE;
+/// Size of the UART's window.
+pub const SERIAL_SIZE: u64 = 0x1000;
+/// The UART's SPI (as GSI), as on QEMU's `virt`.
+pub const SERIAL_GSI: u32 = 1;
 /// First virtio-mmio device window (one [`VIRTIO_MMIO_SIZE`] page per device).
 pub const VIRTIO_MMIO_BASE: u64 = 0x0a00_0000;
 /// Size of one virtio-mmio window.
@@ -45,7 +62,11 @@ pub const PCI_INTX_GSI_BASE: u32 = VIRTIO_IRQ_BASE + VIRTIO_MAX_DEVICES as u32;
 pub const SPI_COUNT: u32 = 64;
 
 const _: () = assert!(
-    GIC_BASE < PLATFORM_MMIO_BASE
+    GIC_DIST_BASE + GIC_DIST_SIZE <= GIC_REDIST_BASE
+        && GIC_REDIST_BASE + MAX_VCPUS as u64 * GIC_REDIST_SIZE <= PLATFORM_MMIO_BASE
+        && SERIAL_BASE + SERIAL_SIZE <= VIRTIO_MMIO_BASE
+        && SERIAL_GSI < VIRTIO_IRQ_BASE
+        && GIC_BASE < PLATFORM_MMIO_BASE
         && PLATFORM_MMIO_BASE < VIRTIO_MMIO_BASE
         && VIRTIO_MMIO_BASE + VIRTIO_MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE <= PCI_MMIO_START
         && PCI_MMIO_END <= PCI_ECAM_BASE
@@ -68,6 +89,11 @@ pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
     })
 }
 
+/// The redistributors' region for `vcpus` vCPUs: (base, length).
+pub fn gic_redist_region(vcpus: usize) -> (u64, u64) {
+    (GIC_REDIST_BASE, vcpus as u64 * GIC_REDIST_SIZE)
+}
+
 /// Guest RAM regions (start, length) for `mem_size` bytes of guest memory: one, from
 /// [`RAM_START`].
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
@@ -86,5 +112,13 @@ mod tests {
         assert_eq!(virtio_slot(VIRTIO_MAX_DEVICES), None);
         assert_eq!(ram_regions(1 << 30), [(RAM_START, 1 << 30)]);
         assert_eq!(pci_intx_gsi(5), PCI_INTX_GSI_BASE + 1);
+    }
+
+    #[test]
+    fn the_gic_fits_every_vcpu_tandem_accepts_below_the_uart() {
+        assert_eq!(MAX_VCPUS, 123);
+        let (base, len) = gic_redist_region(MAX_VCPUS);
+        assert!(base + len <= SERIAL_BASE);
+        assert_eq!(gic_redist_region(2), (0x080a_0000, 0x4_0000));
     }
 }

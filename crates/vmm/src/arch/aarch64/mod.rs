@@ -1,18 +1,29 @@
-//! aarch64: the guest memory map and interrupt numbering the shared code is built on. Booting
-//! VMs is not implemented yet (issue 12: GICv3, PSCI, a device tree, arm64 `Image` loading);
-//! until it is, [`ensure_vm_support`] and [`validate_boot`] refuse with one clear error and
-//! [`crate::run`] does too.
+//! The aarch64 parts of a VM: the in-kernel GICv3 and the architected timer, vCPUs with PSCI
+//! 0.2 (secondaries started by the guest's `CPU_ON`, power-off and reset as KVM system
+//! events), the arm64 `Image` boot protocol with a flattened device tree, and a
+//! 16550-compatible UART on MMIO. virtio devices use virtio-mmio; virtio-pci and inter-VM
+//! channels need a PCI host bridge (ECAM) and an ITS, not there yet (issue 12).
 
+pub mod boot;
+pub mod fdt;
+pub mod gic;
 pub mod irq;
 pub mod layout;
 pub mod regs;
 
-use kvm_ioctls::Cap;
+use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use tandem_devices::{ConsoleWriter, EventFdTrigger, SerialDevice};
+
+use crate::bus::DeviceBus;
 use crate::error::VmError;
-use crate::vm::VmConfig;
+use crate::virtio::VirtioSlot;
+use crate::vm::{VirtioTransport, VmConfig};
 
-/// KVM capabilities an aarch64 VM will need, with their names for messages.
+/// KVM capabilities an aarch64 VM needs, with their names for messages.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::OneReg, "KVM_CAP_ONE_REG"),
@@ -22,27 +33,149 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
 ];
 
-/// Whether this build can boot VMs: not on aarch64, yet.
+/// Whether this build can boot VMs: it can on aarch64.
 pub fn ensure_vm_support() -> Result<(), VmError> {
-    Err(VmError::ArchNotImplemented("aarch64"))
+    Ok(())
 }
 
-/// Checks the boot images; on aarch64 there is no boot protocol to check them against yet.
-pub fn validate_boot(_cfg: &VmConfig) -> Result<(), VmError> {
-    ensure_vm_support()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn booting_is_refused_as_bad_input_naming_the_issue() {
-        let e = ensure_vm_support().unwrap_err();
-        assert!(e.is_user_error());
-        assert_eq!(
-            e.to_string(),
-            "booting VMs on aarch64 is not implemented yet (tracked in issue 12)"
-        );
+/// Checks the boot images (an arm64 `Image`, a readable initramfs), the command line, and
+/// that nothing asks for PCI, which tandem does not have on aarch64 yet.
+pub fn validate_boot(cfg: &VmConfig) -> Result<(), VmError> {
+    boot::probe_kernel(&cfg.kernel)?;
+    if let Some(initrd) = &cfg.initrd {
+        boot::initrd_size(initrd)?;
     }
+    boot::check_cmdline(&cfg.cmdline)?;
+    if cfg.virtio_transport == VirtioTransport::Pci {
+        return Err(VmError::NotOnThisArch(
+            "virtio-pci (--virtio-transport pci)",
+        ));
+    }
+    if !cfg.channels.is_empty() {
+        return Err(VmError::NotOnThisArch("inter-VM channels (ivshmem on PCI)"));
+    }
+    Ok(())
+}
+
+/// The VM-wide platform: the GIC, kept until every vCPU exists.
+pub struct Platform {
+    gic: gic::Gic,
+}
+
+/// Creates the in-kernel GICv3 (before the vCPUs; initialised by [`init_vcpus`]).
+pub fn create_platform(vm: &VmFd) -> Result<Platform, VmError> {
+    Ok(Platform {
+        gic: gic::Gic::create(vm)?,
+    })
+}
+
+/// The UART on the MMIO bus, its interrupt an irqfd into its SPI. Power-off and reset come
+/// from PSCI (KVM system events, see [`crate::exit`]), not from a device.
+pub fn add_platform_devices(
+    vm: &VmFd,
+    bus: &mut DeviceBus,
+    console: ConsoleWriter,
+    _poweroff: &EventFdTrigger,
+    _reset: &EventFdTrigger,
+) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
+    let serial_irq = EventFdTrigger::new().map_err(VmError::Device)?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_GSI)
+        .map_err(VmError::kvm("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    bus.add_mmio_shared(
+        "serial",
+        layout::SERIAL_BASE,
+        layout::SERIAL_SIZE,
+        serial.clone(),
+    )?;
+    Ok(serial)
+}
+
+/// Where the boot vCPU starts and what the device tree will say of the boot images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// The kernel's entry (its first byte).
+    pub pc: u64,
+    /// Where the device tree goes (X0 at entry).
+    pub fdt: u64,
+    /// The initramfs's range, if any.
+    pub initrd: Option<(u64, u64)>,
+}
+
+/// Loads the kernel and the initramfs; the device tree is written by [`finish_platform`],
+/// once the vCPUs exist.
+pub fn load_boot_images(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    _virtio: &[VirtioSlot],
+    _pci: bool,
+) -> Result<Entry, VmError> {
+    let kernel = boot::load_kernel(mem, &cfg.kernel)?;
+    let initrd_size = cfg.initrd.as_deref().map(boot::initrd_size).transpose()?;
+    let place = boot::place(cfg.memory, kernel.end, initrd_size)?;
+    if let (Some(path), Some((start, end))) = (&cfg.initrd, place.initrd) {
+        boot::load_initrd(mem, path, start, end - start)?;
+    }
+    let entry = Entry {
+        pc: kernel.entry,
+        fdt: place.fdt,
+        initrd: place.initrd,
+    };
+    tracing::info!(?entry, kernel_end = kernel.end, "kernel loaded");
+    Ok(entry)
+}
+
+/// Once every vCPU is created, before any device: initialises each (PSCI 0.2; all but the
+/// boot vCPU powered off), then the GIC, which KVM wants before it takes an irqfd.
+pub fn init_vcpus(platform: &Platform, vm: &VmFd, vcpus: &[VcpuFd]) -> Result<(), VmError> {
+    for (index, fd) in (0..=u8::MAX).zip(vcpus) {
+        regs::init_vcpu(vm, fd, index)?;
+    }
+    platform.gic.init()
+}
+
+/// Sets the boot vCPU's registers for `entry`; the others wait for the guest's PSCI `CPU_ON`.
+pub fn configure_vcpu(
+    _kvm: &Kvm,
+    fd: &VcpuFd,
+    index: u8,
+    _cfg: &VmConfig,
+    entry: Entry,
+) -> Result<(), VmError> {
+    if index == 0 {
+        regs::set_boot_regs(fd, entry.pc, entry.fdt)?;
+    }
+    Ok(())
+}
+
+/// Once every vCPU is configured: writes the device tree with the vCPUs' MPIDRs.
+pub fn finish_platform(
+    _platform: &Platform,
+    vcpus: &[VcpuFd],
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    virtio: &[VirtioSlot],
+    entry: Entry,
+) -> Result<(), VmError> {
+    let mpidrs = vcpus
+        .iter()
+        .map(regs::read_mpidr)
+        .collect::<Result<Vec<_>, _>>()?;
+    let blob = fdt::build(&fdt::FdtConfig {
+        memory: cfg.memory,
+        mpidrs: &mpidrs,
+        cmdline: &cfg.cmdline,
+        initrd: entry.initrd,
+        virtio,
+    })
+    .map_err(boot::BootError::from)?;
+    mem.write_slice(&blob, GuestAddress(entry.fdt))
+        .map_err(boot::BootError::from)?;
+    tracing::info!(
+        "device tree: {} bytes at {:#x}, {} vCPUs",
+        blob.len(),
+        entry.fdt,
+        mpidrs.len()
+    );
+    Ok(())
 }

@@ -11,6 +11,8 @@
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than 3 GiB
 //! ```
 
+/// Most vCPUs tandem gives a VM (APIC IDs 0-254; 255 is the broadcast ID).
+pub const MAX_VCPUS: usize = 254;
 /// Where the GDT used at the 64-bit entry lives.
 pub const GDT_ADDR: u64 = 0x500;
 /// The Linux zero page (`struct boot_params`).

@@ -56,9 +56,12 @@ pub fn validate_boot(cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The VM-wide platform, once created: on x86_64 it is all in KVM, with nothing to keep.
+pub struct Platform;
+
 /// The VM-wide platform, before memory and vCPUs: KVM's TSS and identity-map pages, the
 /// in-kernel PIC and IOAPIC, and the PIT.
-pub fn create_platform(vm: &VmFd) -> Result<(), VmError> {
+pub fn create_platform(vm: &VmFd) -> Result<Platform, VmError> {
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -71,7 +74,7 @@ pub fn create_platform(vm: &VmFd) -> Result<(), VmError> {
     };
     vm.create_pit2(pit)
         .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
-    Ok(())
+    Ok(Platform)
 }
 
 /// The platform's own devices on `bus`: the serial console (COM1, writing to `console`), the
@@ -155,6 +158,12 @@ pub fn load_boot_images(
     Ok(entry)
 }
 
+/// Once every vCPU is created, before any device: nothing on x86_64 (each is configured by
+/// [`configure_vcpu`]).
+pub fn init_vcpus(_platform: &Platform, _vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<(), VmError> {
+    Ok(())
+}
+
 /// Sets up vCPU `index`: CPUID, MSRs, FPU, local APIC, and for the boot vCPU the registers of
 /// `entry`.
 pub fn configure_vcpu(
@@ -209,6 +218,19 @@ pub fn configure_vcpu(
             .map_err(VmError::kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))?;
     }
+    Ok(())
+}
+
+/// Once every vCPU is configured: nothing left to do on x86_64 (the boot tables are written
+/// by [`load_boot_images`]).
+pub fn finish_platform(
+    _platform: &Platform,
+    _vcpus: &[VcpuFd],
+    _cfg: &VmConfig,
+    _mem: &GuestMemoryMmap,
+    _virtio: &[VirtioSlot],
+    _entry: Entry,
+) -> Result<(), VmError> {
     Ok(())
 }
 

@@ -18,6 +18,12 @@ use crate::layout::{low_ram_end, CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START};
 const BZIMAGE_HDR_OFFSET: u64 = 0x202;
 const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// Where an ELF header names its machine, and aarch64's number there.
+const ELF_MACHINE_OFFSET: u64 = 18;
+const EM_AARCH64: u16 = 183;
+/// An arm64 `Image`'s magic ("ARM\x64") and where its header has it.
+const ARM64_MAGIC: &[u8; 4] = b"ARM\x64";
+const ARM64_MAGIC_OFFSET: u64 = 56;
 const XLF_KERNEL_64: u16 = 1;
 /// The 64-bit entry point sits this far into a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
@@ -36,6 +42,9 @@ pub enum BootError {
     /// The file is neither a bzImage nor an ELF.
     #[error("{0} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)")]
     NotAKernel(PathBuf),
+    /// An arm64 kernel given to the x86_64 build.
+    #[error("{0} is an arm64 kernel ({1}); this tandem runs on x86_64 and boots a bzImage or an ELF vmlinux")]
+    Arm64Kernel(PathBuf, &'static str),
     /// A bzImage too old to have a 64-bit entry point.
     #[error(
         "{0} is a bzImage without a 64-bit entry point (boot protocol too old or 32-bit kernel)"
@@ -144,10 +153,19 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
     };
     let mut magic = [0u8; 4];
     if read_at(file, 0, &mut magic).map_err(err)? && &magic == ELF_MAGIC {
+        let mut machine = [0u8; 2];
+        if read_at(file, ELF_MACHINE_OFFSET, &mut machine).map_err(err)?
+            && u16::from_le_bytes(machine) == EM_AARCH64
+        {
+            return Err(BootError::Arm64Kernel(path.to_owned(), "an ELF vmlinux"));
+        }
         return Ok(KernelFormat::Elf);
     }
     if read_at(file, BZIMAGE_HDR_OFFSET, &mut magic).map_err(err)? && &magic == BZIMAGE_MAGIC {
         return Ok(KernelFormat::BzImage);
+    }
+    if read_at(file, ARM64_MAGIC_OFFSET, &mut magic).map_err(err)? && &magic == ARM64_MAGIC {
+        return Err(BootError::Arm64Kernel(path.to_owned(), "an Image"));
     }
     Err(BootError::NotAKernel(path.to_owned()))
 }
