@@ -1,7 +1,7 @@
 //! The aarch64 VM (issue 12) in the aarch64 nested testbed (`cargo xtask testbed --arch
 //! aarch64`, which cross-builds tandem): Debian's stock arm64 kernel boots under `tandem run`
 //! with 1, 2 and 4 vCPUs and the memory it was given (within 5 %), runs a command whose output
-//! and the command line reach the host,
+//! and the command line reach the host, seeds its random number generator from the device tree,
 //! `poweroff` exits 0, a reboot 4 and a panic with the panic's status; a virtio-mmio disk
 //! written by the guest holds the data afterwards; user networking gives a DHCP lease and
 //! carries a TCP connection to the host; virtio-pci is refused in one line.
@@ -27,7 +27,7 @@ case_() {
 }
 K="--kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz --memory 256M --rng off"
 C="console=ttyS0 panic=-1 quiet"
-P="echo cpus=\$(nproc); grep -i system.ram /proc/iomem; cat /proc/cmdline"
+P="echo cpus=\$(nproc); grep -i system.ram /proc/iomem; cat /proc/cmdline; dmesg | grep -m2 -E 'crng ini[t] done|Kernel comman[d] line:'"
 case_ one $K --cpus 1 --cmdline "$C tandem.exec=\"$P\""
 case_ two $K --cpus 2 --cmdline "$C tandem.exec=\"$P\""
 case_ four $K --cpus 4 --cmdline "$C tandem.exec=\"$P\""
@@ -94,6 +94,17 @@ fn stock_arm64_kernel_boots_powers_off_reboots_panics_and_uses_its_disk_and_netw
         assert!(
             out.contains("console=ttyS0 panic=-1 quiet tandem.exec="),
             "{name}: the command line reaches /proc/cmdline:\n{out}"
+        );
+        // The device tree's rng-seed: the guest's random number generator is ready while its
+        // kernel still reads the device tree, before it prints its command line (a CPU's own
+        // random number instruction, if any, is used only later).
+        let first = out
+            .lines()
+            .find(|l| l.contains("crng init done") || l.contains("Kernel command line:"))
+            .unwrap_or_default();
+        assert!(
+            first.contains("crng init done"),
+            "{name}: the guest seeded from the device tree:\n{out}"
         );
         let ram = common::system_ram_bytes(out);
         let want = 256u64 << 20;

@@ -37,6 +37,10 @@ pub struct FdtConfig<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The virtio-mmio devices.
     pub virtio: &'a [VirtioSlot],
+    /// Random bytes for `/chosen/rng-seed`, which Linux mixes into its random number generator
+    /// at boot and trusts as a bootloader's seed (as QEMU's `virt` machine passes one); many
+    /// Arm CPUs have no random number instruction for the guest to seed from. Empty: no seed.
+    pub rng_seed: &'a [u8],
 }
 
 /// Errors from building the device tree.
@@ -89,6 +93,9 @@ fn chosen(w: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError> {
     if let Some((start, end)) = cfg.initrd {
         w.property_u64("linux,initrd-start", start)?;
         w.property_u64("linux,initrd-end", end)?;
+    }
+    if !cfg.rng_seed.is_empty() {
+        w.property("rng-seed", cfg.rng_seed)?;
     }
     w.end_node(n)?;
     Ok(())

@@ -18,6 +18,7 @@ fn blob(mpidrs: &[u64], initrd: Option<(u64, u64)>, virtio: &[VirtioSlot]) -> Ve
         cmdline: "console=ttyS0 panic=-1",
         initrd,
         virtio,
+        rng_seed: &[7; 64],
     })
     .unwrap()
 }
@@ -177,7 +178,30 @@ fn a_blob_too_large_for_the_kernel_is_refused() {
         cmdline: &huge,
         initrd: None,
         virtio: &[],
+        rng_seed: &[],
     })
     .unwrap_err();
     assert!(matches!(e, FdtError::TooLarge(_)), "{e}");
+}
+
+#[test]
+fn chosen_carries_the_random_seed_it_is_given() {
+    let b = blob(&[0], None, &[]);
+    let fdt = fdt::Fdt::new(&b).unwrap();
+    assert_eq!(prop(&fdt, "/chosen", "rng-seed"), &[7u8; 64][..]);
+    let empty = build(&FdtConfig {
+        memory: 256 << 20,
+        mpidrs: &[0],
+        cmdline: "",
+        initrd: None,
+        virtio: &[],
+        rng_seed: &[],
+    })
+    .unwrap();
+    let fdt = fdt::Fdt::new(&empty).unwrap();
+    assert!(fdt
+        .find_node("/chosen")
+        .unwrap()
+        .property("rng-seed")
+        .is_none());
 }

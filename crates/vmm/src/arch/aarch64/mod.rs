@@ -167,6 +167,7 @@ pub fn finish_platform(
         cmdline: &cfg.cmdline,
         initrd: entry.initrd,
         virtio,
+        rng_seed: &rng_seed(),
     })
     .map_err(boot::BootError::from)?;
     mem.write_slice(&blob, GuestAddress(entry.fdt))
@@ -178,4 +179,20 @@ pub fn finish_platform(
         mpidrs.len()
     );
     Ok(())
+}
+
+/// 64 bytes from the host's `getrandom()` for the device tree's seed; none (with a warning)
+/// where the host cannot give them, as the guest then still seeds itself, only later.
+fn rng_seed() -> Vec<u8> {
+    let mut seed = vec![0u8; 64];
+    // SAFETY: getrandom writes at most `seed.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), libc::GRND_NONBLOCK) };
+    if n != seed.len() as isize {
+        tracing::warn!(
+            "no random seed for the guest's device tree: {}",
+            std::io::Error::last_os_error()
+        );
+        seed.clear();
+    }
+    seed
 }
