@@ -138,6 +138,16 @@ pub fn tandem_path(root: &Path) -> PathBuf {
     root.join(TARGET_DIR).join(TARGET).join("release/tandem")
 }
 
+/// The xtask binary itself for aarch64, for the benchmarks' in-host measurements
+/// (`xtask bench-run`) in the aarch64 test host; returns its path.
+pub fn build_xtask(root: &Path) -> Result<PathBuf, String> {
+    ensure_packages()?;
+    let mut cmd = cargo(root, "build");
+    cmd.args(["--release", "-p", "xtask"]);
+    run(cmd, "the aarch64 build of xtask")?;
+    Ok(root.join(TARGET_DIR).join(TARGET).join("release/xtask"))
+}
+
 /// `cargo xtask build --arch aarch64`: the release build of tandem for aarch64.
 pub fn build(root: &Path) -> Result<i32, String> {
     ensure_packages()?;

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{assets, bench_dev, firecracker, tasks};
+use crate::{assets, bench_dev, firecracker, tasks, Arch};
 
 const ROUNDS: usize = 5;
 const MEM_MIB: u64 = 256;
@@ -33,6 +33,8 @@ const FC_CONFIG_ENTROPY: &str = "/tmp/fc-boot-entropy.json";
 const LIKE_FOR_LIKE: &[(&str, &str)] = &[
     ("tandem-vmlinux", "firecracker-vmlinux"),
     ("tandem-vmlinux-rng", "firecracker-vmlinux-entropy"),
+    ("tandem-Image", "firecracker-Image"),
+    ("tandem-Image-rng", "firecracker-Image-entropy"),
 ];
 
 /// The guest's command line (the same for every VMM but for how the guest ends).
@@ -40,13 +42,26 @@ fn cmdline(exec: &str) -> String {
     format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\"{exec}\"")
 }
 
-/// The VMMs compared, as (name, command line in the test host); Firecracker's row when `fc`.
-fn configs(fc: bool) -> Vec<(&'static str, String)> {
+/// The VMMs compared, as (name, command line in the test host); Firecracker's rows when `fc`.
+fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
     // For `sh -c '...'`: the marker's `$((40+2))` must reach the guest unexpanded.
     let append = cmdline(GUEST_EXEC).replace('"', "\\\"").replace('$', "\\$");
     let tandem = |kernel: &str, extra: &str| {
         format!("TANDEM_LOG=info tandem run --kernel {kernel} --initrd /guests/initramfs.cpio.gz --cpus {CPUS} --memory {MEM_MIB}M{extra} --cmdline \"{append}\"")
     };
+    let firecracker = |config: &str| format!("firecracker --no-api --config-file {config}");
+    if arch == Arch::Aarch64 {
+        // The arm64 kernel package's `vmlinuz` is the uncompressed `Image` both VMMs load.
+        let mut v = vec![
+            ("tandem-Image", tandem("/guests/vmlinuz", "")),
+            ("tandem-Image-rng", tandem("/guests/vmlinuz", " --rng on")),
+        ];
+        if fc {
+            v.push(("firecracker-Image", firecracker(FC_CONFIG)));
+            v.push(("firecracker-Image-entropy", firecracker(FC_CONFIG_ENTROPY)));
+        }
+        return v;
+    }
     // As the issue states the peer: QEMU's default devices for the machine, `-nic none`.
     let qemu = |machine: &str, extra: &str| {
         format!(
@@ -64,13 +79,10 @@ fn configs(fc: bool) -> Vec<(&'static str, String)> {
     ];
     if fc {
         // Unjailed, no API socket; its serial console is its stdout.
-        v.push((
-            "firecracker-vmlinux",
-            format!("firecracker --no-api --config-file {FC_CONFIG}"),
-        ));
+        v.push(("firecracker-vmlinux", firecracker(FC_CONFIG)));
         v.push((
             "firecracker-vmlinux-entropy",
-            format!("firecracker --no-api --config-file {FC_CONFIG_ENTROPY}"),
+            firecracker(FC_CONFIG_ENTROPY),
         ));
     }
     v.extend([
@@ -90,20 +102,27 @@ fn is_peer(name: &str) -> bool {
     !name.starts_with("tandem")
 }
 
-/// `cargo xtask bench boot`.
-pub fn boot(root: &Path) -> Result<i32, String> {
+/// `cargo xtask bench boot [--arch aarch64]`.
+pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
+    let aarch64 = arch == Arch::Aarch64;
     tasks::ensure_host_packages()?;
-    let fc = match firecracker::binary() {
+    let fc = match firecracker::binary_for(aarch64) {
         Ok(bin) => Some(bin),
         Err(e) => {
             eprintln!("bench: no Firecracker row ({e}); comparing with QEMU alone");
             None
         }
     };
-    tasks::cargo(root, &["build", "--release", "-p", "tandem"])?;
-    assets::ensure(&assets::cache_root()?)?;
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let configs = configs(fc.is_some());
+    // The in-host measurements are this program's: for an aarch64 test host, built for it.
+    let me = if aarch64 {
+        crate::aarch64::build(root)?;
+        crate::aarch64::build_xtask(root)?
+    } else {
+        tasks::cargo(root, &["build", "--release", "-p", "tandem"])?;
+        assets::ensure(&assets::cache_root()?)?;
+        std::env::current_exe().map_err(|e| e.to_string())?
+    };
+    let configs = configs(arch, fc.is_some());
     let mut script = String::from("set -u\n");
     for round in 1..=ROUNDS {
         for (name, cmd) in &configs {
@@ -125,11 +144,17 @@ pub fn boot(root: &Path) -> Result<i32, String> {
     let mut fc_configs = Vec::new();
     if let Some(bin) = &fc {
         carry.push(format!("{}:/usr/bin/firecracker", bin.display()).into());
+        // Firecracker on x86_64 cannot power its guest off; on aarch64 it takes PSCI's.
+        let (kernel, exec) = if aarch64 {
+            ("/guests/vmlinuz", GUEST_EXEC)
+        } else {
+            ("/guests/vmlinux", FC_GUEST_EXEC)
+        };
         for (entropy, at) in [(false, FC_CONFIG), (true, FC_CONFIG_ENTROPY)] {
             let json = firecracker::config(
-                "/guests/vmlinux",
+                kernel,
                 "/guests/initramfs.cpio.gz",
-                &cmdline(FC_GUEST_EXEC),
+                &cmdline(exec),
                 CPUS,
                 MEM_MIB,
                 entropy,
@@ -141,7 +166,7 @@ pub fn boot(root: &Path) -> Result<i32, String> {
             fc_configs.push(path);
         }
     }
-    let out = bench_dev::run_testbed(&script, &carry, 850);
+    let out = bench_dev::run_testbed_on(arch, &script, &carry, 850);
     for p in &fc_configs {
         let _ = std::fs::remove_file(p);
     }
@@ -156,7 +181,7 @@ pub fn boot(root: &Path) -> Result<i32, String> {
         ));
     }
     let names: Vec<&str> = configs.iter().map(|(n, _)| *n).collect();
-    print_table(&names, &rows);
+    print_table(arch, &names, &rows);
     Ok(if rows.iter().all(|r| r.ok) { 0 } else { 1 })
 }
 
@@ -236,11 +261,21 @@ fn best_peers(st: &Stats) -> Vec<Option<(String, f64)>> {
         .collect()
 }
 
-fn print_table(names: &[&str], rows: &[Sample]) {
+fn print_table(arch: Arch, names: &[&str], rows: &[Sample]) {
     let st = table_stats(names, rows);
     let best = best_peers(&st);
-    println!("boot benchmark: {ROUNDS} boots each, {CPUS} vCPU, {MEM_MIB} MiB, Debian cloud kernel + busybox initramfs, in the nested testbed");
-    println!("\"marker to exit\": from the guest's power-off (Firecracker: reset, it has no power-off), which follows the marker at once, to the VMM's exit.");
+    let (kernel, fc_end) = match arch {
+        Arch::X86_64 => (
+            "Debian's cloud kernel",
+            "Firecracker: reset, it has no power-off",
+        ),
+        Arch::Aarch64 => (
+            "Debian's arm64 kernel (Image)",
+            "PSCI SYSTEM_OFF under both VMMs",
+        ),
+    };
+    println!("boot benchmark: {ROUNDS} boots each, {CPUS} vCPU, {MEM_MIB} MiB, {kernel} + busybox initramfs, in the nested testbed");
+    println!("\"marker to exit\": from the guest's power-off ({fc_end}), which follows the marker at once, to the VMM's exit.");
     for (c, b) in best.iter().enumerate() {
         match b {
             Some((n, v)) => println!("best peer for {}: {n} ({v:.2})", COLUMNS[c].0),

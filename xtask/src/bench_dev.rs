@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::testbed::shared_libs;
-use crate::{assets, tasks};
+use crate::{assets, tasks, Arch};
 
 const MEM: &str = "512M";
 const QEMU: &str = "qemu-system-x86_64 -M pc -accel kvm -cpu host -m 512M -smp 1 -display none -nodefaults -no-user-config -no-reboot -kernel /guests/vmlinuz -initrd /tmp/bench.gz";
@@ -97,22 +97,37 @@ fn install(pkgs: &[&str]) -> Result<(), String> {
 /// Runs `script` as /bench.sh in one test host, with `carry` and QEMU (binary and firmware)
 /// carried in; returns its standard output.
 pub fn run_testbed(script: &str, carry: &[PathBuf], timeout: u32) -> Result<String, String> {
+    run_testbed_on(Arch::X86_64, script, carry, timeout)
+}
+
+/// [`run_testbed`] in the test host of `arch`; the aarch64 one gets no QEMU of this machine's.
+pub fn run_testbed_on(
+    arch: Arch,
+    script: &str,
+    carry: &[PathBuf],
+    timeout: u32,
+) -> Result<String, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let script_path = std::env::temp_dir().join(format!("tandem-bench-{}.sh", std::process::id()));
     std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
     let mut tb = Command::new(&me);
     tb.args(["testbed", "--no-build", "--timeout", &timeout.to_string()]);
+    if arch == Arch::Aarch64 {
+        tb.args(["--arch", "aarch64"]);
+    }
     tb.arg("--with")
         .arg(format!("{}:/bench.sh", script_path.display()));
     for p in carry {
         tb.arg("--with").arg(p);
     }
-    for p in [
-        "/usr/bin/qemu-system-x86_64",
-        "/usr/share/qemu",
-        "/usr/share/seabios",
-    ] {
-        tb.args(["--with", p]);
+    if arch == Arch::X86_64 {
+        for p in [
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/share/qemu",
+            "/usr/share/seabios",
+        ] {
+            tb.args(["--with", p]);
+        }
     }
     tb.args(["--", "sh", "/bench.sh"]);
     let res = tb

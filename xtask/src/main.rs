@@ -36,6 +36,8 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
        cargo xtask guests-dir               print the cached guest images' directory
        cargo xtask bench boot [--trace]     boot time and memory: tandem vs Firecracker and QEMU, in the
                                             testbed; --trace: where boot time goes (initcalls, exits)
+       cargo xtask bench boot --arch aarch64
+                                            the same in the aarch64 testbed: tandem vs Firecracker
        cargo xtask bench rt                 the reference RT guest's exits and latency: tandem vs QEMU
        cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
 
@@ -98,7 +100,11 @@ fn main() {
             Some("boot") if args.get(2).map(String::as_str) == Some("--trace") => {
                 bench_trace::trace(&root)
             }
-            Some("boot") => bench::boot(&root),
+            Some("boot") => match parse_arch(&args[2..]) {
+                Ok((arch, [])) => bench::boot(&root, arch),
+                Ok((_, rest)) => usage_error(&format!("bench boot: unexpected arguments {rest:?}")),
+                Err(e) => usage_error(&e),
+            },
             Some("net") => bench_dev::net(&root),
             Some("blk") => bench_dev::blk(&root),
             Some("channel") => bench_chan::channel(&root),
