@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+// Compiled everywhere (its verdicts are tested on any host), used on aarch64.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod aarch64;
+
 #[cfg(target_arch = "x86_64")]
 use tandem_vmm::probe::measure;
 use tandem_vmm::vm::{check_kvm, open_kvm, REQUIRED_CAPS};
@@ -43,18 +47,9 @@ pub fn main() -> ExitCode {
         }
     };
     line("max vCPUs per VM", &max.to_string());
-    for (cap, name) in [
-        (kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, "X86_DISABLE_EXITS"),
-        (kvm_bindings::KVM_CAP_HALT_POLL, "HALT_POLL"),
-        (kvm_bindings::KVM_CAP_IOEVENTFD, "IOEVENTFD"),
-        (
-            kvm_bindings::KVM_CAP_TSC_DEADLINE_TIMER,
-            "TSC_DEADLINE_TIMER",
-        ),
-        (kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP"),
-        // KVM's exit counts in `tandem stats` (Linux 5.14 and later).
-        (kvm_bindings::KVM_CAP_BINARY_STATS_FD, "BINARY_STATS_FD"),
-    ] {
+    #[cfg(target_arch = "aarch64")]
+    let arm_ok = aarch64::lines(&kvm, line);
+    for &(cap, name) in OPTIONAL_CAPS {
         let v = kvm.check_extension_raw(cap.into());
         line(
             &format!("optional {name}"),
@@ -72,8 +67,42 @@ pub fn main() -> ExitCode {
             "kvm_pvm module loaded (KVM inside a VM, without hardware virtualization)",
         );
     }
+    #[cfg(target_arch = "aarch64")]
+    if !arm_ok {
+        println!(
+            "verdict: tandem cannot run here: its aarch64 VMs need KVM's in-kernel GICv3 and PSCI 0.2"
+        );
+        return ExitCode::FAILURE;
+    }
     speed_verdict(&kvm)
 }
+
+/// Capabilities tandem uses where the host has them, with their names for the report.
+#[cfg(target_arch = "x86_64")]
+const OPTIONAL_CAPS: &[(u32, &str)] = &[
+    (kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, "X86_DISABLE_EXITS"),
+    (kvm_bindings::KVM_CAP_HALT_POLL, "HALT_POLL"),
+    (kvm_bindings::KVM_CAP_IOEVENTFD, "IOEVENTFD"),
+    (
+        kvm_bindings::KVM_CAP_TSC_DEADLINE_TIMER,
+        "TSC_DEADLINE_TIMER",
+    ),
+    (kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP"),
+    // KVM's exit counts in `tandem stats` (Linux 5.14 and later).
+    (kvm_bindings::KVM_CAP_BINARY_STATS_FD, "BINARY_STATS_FD"),
+];
+
+/// Capabilities tandem uses where the host has them, with their names for the report. Arm has
+/// no exit-disabling capability (its WFI/WFE trapping is a per-vCPU policy instead), no TSC and
+/// no split irqchip.
+#[cfg(not(target_arch = "x86_64"))]
+const OPTIONAL_CAPS: &[(u32, &str)] = &[
+    (kvm_bindings::KVM_CAP_HALT_POLL, "HALT_POLL"),
+    (kvm_bindings::KVM_CAP_IOEVENTFD, "IOEVENTFD"),
+    (kvm_bindings::KVM_CAP_BINARY_STATS_FD, "BINARY_STATS_FD"),
+    // The guest's own performance counters.
+    (kvm_bindings::KVM_CAP_ARM_PMU_V3, "ARM_PMU_V3"),
+];
 
 /// The ring-0 speed probe and the verdict.
 #[cfg(target_arch = "x86_64")]
