@@ -104,46 +104,79 @@ const OPTIONAL_CAPS: &[(u32, &str)] = &[
     (kvm_bindings::KVM_CAP_ARM_PMU_V3, "ARM_PMU_V3"),
 ];
 
+/// What a speed probe measured: loop iterations per second, its wall time, and whether that is
+/// hardware speed.
+type Probe = Result<(f64, std::time::Duration, bool), tandem_vmm::VmError>;
+
 /// The ring-0 speed probe and the verdict.
 #[cfg(target_arch = "x86_64")]
 fn speed_verdict(kvm: &kvm_ioctls::Kvm) -> ExitCode {
-    let probe = match measure(kvm) {
+    let probe = measure(kvm).map(|p| (p.iterations_per_sec, p.elapsed, p.hardware_speed()));
+    report_probe("ring-0 speed probe", probe, "cargo xtask testbed")
+}
+
+/// The EL1 speed probe and the verdict, once this build boots VMs on aarch64 (issue 12).
+#[cfg(target_arch = "aarch64")]
+fn speed_verdict(kvm: &kvm_ioctls::Kvm) -> ExitCode {
+    let probe = tandem_vmm::arch::probe::measure(kvm)
+        .map(|p| (p.iterations_per_sec, p.elapsed, p.hardware_speed()));
+    if let Err(e) = tandem_vmm::arch::ensure_vm_support() {
+        if let Ok((rate, elapsed, _)) = probe {
+            probe_line("EL1 speed probe", rate, elapsed);
+        }
+        println!("verdict: tandem cannot run guests here: {e}");
+        return ExitCode::FAILURE;
+    }
+    report_probe(
+        "EL1 speed probe",
+        probe,
+        "cargo xtask testbed --arch aarch64",
+    )
+}
+
+fn probe_line(name: &str, rate: f64, elapsed: std::time::Duration) {
+    line(
+        name,
+        &format!(
+            "{:.1} M loop iterations/s in {:.3} s (hardware: ~1000 M/s)",
+            rate / 1e6,
+            elapsed.as_secs_f64()
+        ),
+    );
+}
+
+/// The probe's line and the verdict; `testbed` is the command of this architecture's testbed.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn report_probe(name: &str, probe: Probe, testbed: &str) -> ExitCode {
+    let (rate, elapsed, hardware) = match probe {
         Ok(p) => p,
         Err(e) => {
-            line("ring-0 speed probe", "FAILED");
+            line(name, "FAILED");
             println!("verdict: a minimal guest could not run: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let rate = probe.iterations_per_sec / 1e6;
-    line(
-        "ring-0 speed probe",
-        &format!(
-            "{rate:.1} M loop iterations/s in {:.3} s (hardware: ~1000 M/s)",
-            probe.elapsed.as_secs_f64()
-        ),
-    );
-    if probe.hardware_speed() {
+    probe_line(name, rate, elapsed);
+    if hardware {
         println!("verdict: ok: guest kernels run at hardware speed on this host");
         ExitCode::SUCCESS
     } else {
         println!(
-            "verdict: guest kernels will NOT run at hardware speed here: this KVM emulates guest ring-0 code \
+            "verdict: guest kernels will NOT run at hardware speed here: this KVM emulates guest kernel code \
              (about {:.0}x slower than hardware), so Linux guests will not boot in reasonable time. \
-             Run tandem inside the nested testbed instead: cargo xtask testbed -- tandem run --kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz",
-            1000.0 / rate.max(1e-3)
+             Run tandem inside the nested testbed instead: {testbed} -- tandem run --kernel /guests/vmlinuz --initrd /guests/initramfs.cpio.gz",
+            1000.0 / (rate / 1e6).max(1e-3)
         );
         ExitCode::FAILURE
     }
 }
 
-/// No probe and no VMs on aarch64 yet.
-#[cfg(not(target_arch = "x86_64"))]
+/// No probe and no VMs on this architecture.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn speed_verdict(_kvm: &kvm_ioctls::Kvm) -> ExitCode {
-    line(
-        "ring-0 speed probe",
-        "not implemented on this architecture yet",
-    );
     println!(
         "verdict: tandem cannot run guests here: {}",
         tandem_vmm::VmError::ArchNotImplemented(std::env::consts::ARCH)

@@ -1,6 +1,6 @@
 //! The aarch64 testbed (`cargo xtask testbed --arch aarch64`): an Arm test host whose KVM works,
 //! with the cross-built tandem, whose `doctor` reports that KVM: its API, the GICv3 and PSCI
-//! that tandem's aarch64 VMs need, and the IPA size.
+//! that tandem's aarch64 VMs need, the IPA size, and the speed of a loop at EL1.
 
 mod common;
 
@@ -47,6 +47,16 @@ fn doctor_reports_the_kvm_of_the_aarch64_test_host() {
         .unwrap_or_else(|| panic!("IPA size in bits:\n{doctor}"));
     assert!((40..=52).contains(&bits), "{doctor}");
     assert!(verdict("PSCI").starts_with("0.2 or later"), "{doctor}");
+    // The EL1 probe ran a loop in a VM of the test host's KVM (at whatever speed the emulator
+    // gives it).
+    let probe = verdict("EL1 speed probe");
+    assert!(probe.contains(" M loop iterations/s in "), "{doctor}");
+    let rate: f64 = probe
+        .split(' ')
+        .next()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.0);
+    assert!(rate > 0.0, "{doctor}");
     // Arm has no exit-disabling capability: the x86 lines are not there.
     assert!(!doctor.contains("X86_DISABLE_EXITS"), "{doctor}");
     assert!(

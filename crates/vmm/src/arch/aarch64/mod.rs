@@ -5,6 +5,7 @@
 
 pub mod irq;
 pub mod layout;
+pub mod probe;
 pub mod regs;
 
 use kvm_ioctls::Cap;
