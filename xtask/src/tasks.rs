@@ -139,13 +139,30 @@ fn ensure_qemu_version((qemu, package): (&str, &str)) -> Result<(), String> {
         format!("deb http://deb.debian.org/debian {BACKPORTS} main\n"),
     )
     .map_err(|e| format!("cannot write {}: {e}", list.display()))?;
-    apt_install(&[package], Some(BACKPORTS))?;
+    // With `-t`, apt also upgrades an installed qemu-user (the aarch64 unit tests' emulator)
+    // to the backport along with qemu-system-arm: keep the version installed.
+    let keep = installed_version("qemu-user").map(|v| format!("qemu-user={v}"));
+    let packages: Vec<&str> = std::iter::once(package).chain(keep.as_deref()).collect();
+    apt_install(&packages, Some(BACKPORTS))?;
     match qemu_version(qemu) {
         Some(v) if v >= MIN_QEMU => Ok(()),
         _ => Err(format!(
             "installed {package} from {BACKPORTS}, but it is not {need}"
         )),
     }
+}
+
+/// The installed version of the Debian package `package`, if it is installed.
+fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status} ${Version}", package])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.strip_prefix("installed ")
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
 }
 
 extern "C" {
@@ -327,6 +344,13 @@ mod tests {
         let other = free_port(port);
         assert_ne!(other, port);
         assert!(std::net::TcpListener::bind(("127.0.0.1", other)).is_ok());
+    }
+
+    #[test]
+    fn installed_versions_come_from_dpkg() {
+        // xtask runs on Debian, where dpkg is always installed.
+        assert!(installed_version("dpkg").is_some_and(|v| v.starts_with(char::is_numeric)));
+        assert_eq!(installed_version("tandem-no-such-package"), None);
     }
 
     #[test]

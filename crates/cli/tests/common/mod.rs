@@ -72,6 +72,16 @@ fn host_kvm_is_fast() -> bool {
         .unwrap_or(false)
 }
 
+/// The architecture of the host a script runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// This machine's: its own KVM when that runs guest kernels at hardware speed, else the
+    /// x86_64 testbed.
+    X86_64,
+    /// The aarch64 testbed (`cargo xtask testbed --arch aarch64`), with the cross-built tandem.
+    Aarch64,
+}
+
 /// Runs `script` where guests can boot; returns the cases it ran, by name, plus the whole output.
 pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
     run_script_with(script, &[])
@@ -80,14 +90,19 @@ pub fn run_script(script: &str) -> (HashMap<String, Case>, String) {
 /// [`run_script`], with host files (and the libraries they need) carried to the same paths in
 /// the test host.
 pub fn run_script_with(script: &str, with: &[&str]) -> (HashMap<String, Case>, String) {
+    run_script_on(Arch::X86_64, script, with)
+}
+
+/// [`run_script_with`] on a host of architecture `arch`.
+pub fn run_script_on(arch: Arch, script: &str, with: &[&str]) -> (HashMap<String, Case>, String) {
     // One test host at a time: two emulated hosts on two cores only slow each other down.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let full = format!("{PRELUDE}\n{script}\necho @@@DONE\nsleep 1\n");
-    let output = if host_kvm_is_fast() {
+    let output = if arch == Arch::X86_64 && host_kvm_is_fast() {
         run_on_host(&full)
     } else {
-        let first = run_in_testbed(&full, with);
+        let first = run_in_testbed(arch, &full, with);
         match first.status.code() {
             // The test host hung (its heartbeat stopped well before the timeout) or its kernel
             // died: that is the emulator, not the code under test. Retry the session once, and
@@ -99,7 +114,7 @@ pub fn run_script_with(script: &str, with: &[&str]) -> (HashMap<String, Case>, S
                     last_heartbeat(&text_of(&first)),
                     text_of(&first)
                 );
-                run_in_testbed(&full, with)
+                run_in_testbed(arch, &full, with)
             }
             _ => first,
         }
@@ -153,9 +168,15 @@ fn run_on_host(script: &str) -> Output {
         .expect("cannot run sh")
 }
 
-fn run_in_testbed(script: &str, with: &[&str]) -> Output {
+/// The testbed of `arch`. The x86_64 one uses the release build as it is (`cargo xtask test`
+/// builds it first); the aarch64 one brings the cross build up to date itself.
+fn run_in_testbed(arch: Arch, script: &str, with: &[&str]) -> Output {
     let mut cmd = xtask();
-    cmd.args(["testbed", "--no-build", "--timeout", &TIMEOUT_S.to_string()]);
+    cmd.args(["testbed", "--timeout", &TIMEOUT_S.to_string()]);
+    match arch {
+        Arch::X86_64 => cmd.arg("--no-build"),
+        Arch::Aarch64 => cmd.args(["--arch", "aarch64"]),
+    };
     for w in with {
         cmd.args(["--with", w]);
     }

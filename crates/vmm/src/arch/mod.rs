@@ -25,3 +25,6 @@ pub use aarch64::*;
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!("tandem runs on x86_64 and aarch64 hosts only");
+
+/// The doctor's speed probe: timing and verdict, around each architecture's `probe`.
+pub mod speed;

@@ -9,6 +9,7 @@ pub mod fdt;
 pub mod gic;
 pub mod irq;
 pub mod layout;
+pub mod probe;
 pub mod regs;
 
 use std::sync::{Arc, Mutex};

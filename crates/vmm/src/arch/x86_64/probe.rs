@@ -4,37 +4,19 @@
 //! that executes guest ring-0 code by instruction emulation, thousands of times slower than
 //! hardware. Booting a kernel there is hopeless; the probe measures it in well under a second.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::VmError;
 use crate::regs;
 
+use crate::arch::speed::ProbeVm;
+pub use crate::arch::speed::{ProbeResult, HARDWARE_SPEED_THRESHOLD, PROBE_ITERATIONS};
+
 const CODE_ADDR: u64 = 0x10_0000;
 const PROBE_MEM: usize = 2 << 20;
-/// Iterations of the probe loop (`dec rcx; jnz`): about 0.1 ms on hardware.
-pub const PROBE_ITERATIONS: u64 = 200_000;
-/// Below this rate the host cannot boot guest kernels in reasonable time.
-pub const HARDWARE_SPEED_THRESHOLD: f64 = 50e6;
-
-/// What the probe measured.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeResult {
-    /// Loop iterations per second in guest ring 0.
-    pub iterations_per_sec: f64,
-    /// Wall time of the run.
-    pub elapsed: Duration,
-}
-
-impl ProbeResult {
-    /// Whether guest kernels will run at hardware speed.
-    pub fn hardware_speed(&self) -> bool {
-        self.iterations_per_sec >= HARDWARE_SPEED_THRESHOLD
-    }
-}
 
 /// Machine code: `mov rcx, PROBE_ITERATIONS; 1: dec rcx; jnz 1b; hlt`.
 fn probe_code(iterations: u64) -> Vec<u8> {
@@ -46,25 +28,8 @@ fn probe_code(iterations: u64) -> Vec<u8> {
 
 /// Runs the probe in a throw-away VM with one vCPU in 64-bit mode.
 pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_MEM)])
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    // Declared after `mem`, so dropped before it: the VM never outlives its memory.
-    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: PROBE_MEM as u64,
-        userspace_addr: host as u64,
-        flags: 0,
-    };
-    // SAFETY: `mem` is a live mapping of PROBE_MEM bytes; `vm` and its vCPU are dropped before
-    // it (reverse declaration order), so the guest can never run on unmapped memory.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    regs::write_boot_tables(&mem).map_err(|e| VmError::Memory(e.to_string()))?;
+    let ProbeVm { vm, mem } = &ProbeVm::new(kvm, PROBE_MEM)?;
+    regs::write_boot_tables(mem).map_err(|e| VmError::Memory(e.to_string()))?;
     mem.write_slice(&probe_code(iterations), GuestAddress(CODE_ADDR))
         .map_err(|e| VmError::Memory(e.to_string()))?;
     let mut vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
@@ -97,31 +62,12 @@ pub fn ring0_speed(kvm: &Kvm, iterations: u64) -> Result<ProbeResult, VmError> {
             source: std::io::Error::other(format!("loop ended early, rcx={rcx}")),
         });
     }
-    Ok(ProbeResult {
-        iterations_per_sec: iterations as f64 / elapsed.as_secs_f64().max(1e-9),
-        elapsed,
-    })
+    Ok(ProbeResult::new(iterations, elapsed))
 }
 
-/// The doctor's measurement: a short probe, and where it is not clearly slow a ten times longer
-/// one. The rate is the longer run's marginal one (its extra iterations over its extra time), so
-/// the fixed cost of entering the guest, large under nested emulation, does not count.
+/// The doctor's measurement ([`crate::arch::speed::measure`]) with this probe.
 pub fn measure(kvm: &Kvm) -> Result<ProbeResult, VmError> {
-    let short = ring0_speed(kvm, PROBE_ITERATIONS)?;
-    if short.iterations_per_sec < HARDWARE_SPEED_THRESHOLD / 10.0 {
-        return Ok(short);
-    }
-    let long = ring0_speed(kvm, PROBE_ITERATIONS * 10)?;
-    let extra = long.elapsed.saturating_sub(short.elapsed).as_secs_f64();
-    let marginal = if extra > 0.0 {
-        (PROBE_ITERATIONS * 9) as f64 / extra
-    } else {
-        long.iterations_per_sec
-    };
-    Ok(ProbeResult {
-        iterations_per_sec: marginal.max(long.iterations_per_sec),
-        elapsed: short.elapsed + long.elapsed,
-    })
+    crate::arch::speed::measure(|n| ring0_speed(kvm, n))
 }
 
 #[cfg(test)]
