@@ -15,7 +15,19 @@ use std::time::{Duration, Instant};
 
 use crate::{assets, bench_dev, firecracker, tasks, Arch};
 
-const ROUNDS: usize = 5;
+/// Boots per row (`$TANDEM_BENCH_ROUNDS` overrides it, for tighter medians).
+fn rounds() -> usize {
+    std::env::var("TANDEM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(5)
+}
+
+/// The rows `$TANDEM_BENCH_ROWS` (comma-separated names) keeps, or all.
+fn wanted(name: &str) -> bool {
+    std::env::var("TANDEM_BENCH_ROWS").map_or(true, |rows| rows.split(',').any(|r| r == name))
+}
 const MEM_MIB: u64 = 256;
 const CPUS: u32 = 1;
 const MARKER: &str = "BOOT-MARKER-42";
@@ -33,6 +45,7 @@ const FC_CONFIG_ENTROPY: &str = "/tmp/fc-boot-entropy.json";
 const LIKE_FOR_LIKE: &[(&str, &str)] = &[
     ("tandem-vmlinux", "firecracker-vmlinux"),
     ("tandem-vmlinux-rng", "firecracker-vmlinux-entropy"),
+    ("tandem-vmlinux-reset", "firecracker-vmlinux"),
     ("tandem-Image", "firecracker-Image"),
     ("tandem-Image-rng", "firecracker-Image-entropy"),
 ];
@@ -45,7 +58,8 @@ fn cmdline(exec: &str) -> String {
 /// The VMMs compared, as (name, command line in the test host); Firecracker's rows when `fc`.
 fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
     // For `sh -c '...'`: the marker's `$((40+2))` must reach the guest unexpanded.
-    let append = cmdline(GUEST_EXEC).replace('"', "\\\"").replace('$', "\\$");
+    let quoted = |exec: &str| cmdline(exec).replace('"', "\\\"").replace('$', "\\$");
+    let (append, fc_append) = (quoted(GUEST_EXEC), quoted(FC_GUEST_EXEC));
     let tandem = |kernel: &str, extra: &str| {
         format!("TANDEM_LOG=info tandem run --kernel {kernel} --initrd /guests/initramfs.cpio.gz --cpus {CPUS} --memory {MEM_MIB}M{extra} --cmdline \"{append}\"")
     };
@@ -76,6 +90,11 @@ fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
         // One device, the entropy device, beside Firecracker's with its own: what a device
         // costs the boot (mostly the guest's: its driver modules), like for like.
         ("tandem-vmlinux-rng", tandem("/guests/vmlinux", " --rng on")),
+        // The guest ending as Firecracker's must (a reset): power-off to exit, like for like.
+        (
+            "tandem-vmlinux-reset",
+            tandem("/guests/vmlinux", "").replace(&append, &fc_append),
+        ),
     ];
     if fc {
         // Unjailed, no API socket; its serial console is its stdout.
@@ -95,6 +114,11 @@ fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
         ),
     ]);
     v
+}
+
+/// Whether a row's guest ends with a reset instead of a power-off.
+fn name_ends_reset(name: &str) -> bool {
+    name.ends_with("-reset")
 }
 
 /// Whether a row is a peer (not tandem).
@@ -122,9 +146,11 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
         assets::ensure(&assets::cache_root()?)?;
         std::env::current_exe().map_err(|e| e.to_string())?
     };
-    let configs = configs(arch, fc.is_some());
+    let mut configs = configs(arch, fc.is_some());
+    configs.retain(|(name, _)| wanted(name));
+    let rounds = rounds();
     let mut script = String::from("set -u\n");
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         for (name, cmd) in &configs {
             script.push_str(&format!(
                 "/usr/bin/xtask-bench bench-run {name} {round} {} {MARKER} -- sh -c '{}'\n",
@@ -135,7 +161,7 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
     }
     eprintln!(
         "bench: {} boots in one testbed run (a few minutes)",
-        ROUNDS * configs.len()
+        rounds * configs.len()
     );
     let mut carry = vec![PathBuf::from(format!(
         "{}:/usr/bin/xtask-bench",
@@ -172,16 +198,16 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
     }
     let out = out?;
     let rows: Vec<Sample> = out.lines().filter_map(Sample::parse).collect();
-    if rows.len() != ROUNDS * configs.len() {
+    if rows.len() != rounds * configs.len() {
         eprintln!("{out}");
         return Err(format!(
             "expected {} results, got {}",
-            ROUNDS * configs.len(),
+            rounds * configs.len(),
             rows.len()
         ));
     }
     let names: Vec<&str> = configs.iter().map(|(n, _)| *n).collect();
-    print_table(arch, &names, &rows);
+    print_table(arch, rounds, &names, &rows);
     Ok(if rows.iter().all(|r| r.ok) { 0 } else { 1 })
 }
 
@@ -208,7 +234,14 @@ impl Sample {
             exit_ms: get("exit_ms=")?.parse().ok()?,
             overhead_kib: get("overhead_kib=")?.parse().ok()?,
             exits: get("exits=").and_then(|v| v.parse().ok()),
-            ok: get("rc=")? == "0" && get("marker_ms=")? != "none",
+            // A `-reset` row's guest resets as Firecracker's does, which tandem reports as 4.
+            ok: get("rc=")?
+                == if name_ends_reset(&get("name=")?) {
+                    "4"
+                } else {
+                    "0"
+                }
+                && get("marker_ms=")? != "none",
         })
     }
 }
@@ -261,7 +294,7 @@ fn best_peers(st: &Stats) -> Vec<Option<(String, f64)>> {
         .collect()
 }
 
-fn print_table(arch: Arch, names: &[&str], rows: &[Sample]) {
+fn print_table(arch: Arch, rounds: usize, names: &[&str], rows: &[Sample]) {
     let st = table_stats(names, rows);
     let best = best_peers(&st);
     let (kernel, fc_end) = match arch {
@@ -274,8 +307,8 @@ fn print_table(arch: Arch, names: &[&str], rows: &[Sample]) {
             "PSCI SYSTEM_OFF under both VMMs",
         ),
     };
-    println!("boot benchmark: {ROUNDS} boots each, {CPUS} vCPU, {MEM_MIB} MiB, {kernel} + busybox initramfs, in the nested testbed");
-    println!("\"marker to exit\": from the guest's power-off ({fc_end}), which follows the marker at once, to the VMM's exit.");
+    println!("boot benchmark: {rounds} boots each, {CPUS} vCPU, {MEM_MIB} MiB, {kernel} + busybox initramfs, in the nested testbed");
+    println!("\"marker to exit\": from the guest's power-off ({fc_end}), which follows the marker at once, to the VMM's exit; a -reset row's guest resets instead, as Firecracker's.");
     for (c, b) in best.iter().enumerate() {
         match b {
             Some((n, v)) => println!("best peer for {}: {n} ({v:.2})", COLUMNS[c].0),
@@ -468,6 +501,15 @@ mod tests {
             .unwrap()
             .ok
         );
+        // A row whose guest resets succeeds with tandem's reboot status, and only with it.
+        let reset = |rc: u32| {
+            Sample::parse(&format!(
+                "BENCH name=tandem-vmlinux-reset round=1 marker_ms=5 exit_ms=9 overhead_kib=1 exits=5 rc={rc}"
+            ))
+            .unwrap()
+            .ok
+        };
+        assert!(reset(4) && !reset(0));
     }
 
     #[test]
