@@ -41,7 +41,7 @@ while [ $i -lt 600 ] && ! grep -q guest-running /tmp/e.log 2>/dev/null; do sleep
 record enforced sh -c "grep -h -E '^(Seccomp|NoNewPrivs):' /proc/$pid/task/*/status | sort | uniq -c"
 wait $pid
 run_case hook-vcpu {BOOT} --serial none --seccomp-test-violation vcpu --cmdline '{quick}'
-run_case hook-io {BOOT} --serial none --seccomp-test-violation io --cmdline '{quick}'
+run_case hook-io {BOOT} --serial none --rng on --seccomp-test-violation io --cmdline '{quick}'
 run_case hook-vmm {BOOT} --serial none --seccomp-test-violation vmm --cmdline '{quick}'
 run_case hook-log {BOOT} --serial none --seccomp log --seccomp-test-violation vcpu --cmdline '{quick}'
 record hook-log-audit sh -c 'dmesg | grep "type=1326"; echo audit-listed'
