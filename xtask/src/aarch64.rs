@@ -214,10 +214,15 @@ fn harness_args(extra: &[String]) -> Vec<String> {
 /// binaries; not the integration tests, which boot guests in the x86_64 testbed) built for
 /// aarch64 and run under qemu-user, less [`SKIPPED_UNDER_QEMU_USER`]. `ARGS` go to
 /// `cargo test` as they are.
+///
+/// Built with the release profile: the tests then share their dependencies with [`build`]'s
+/// (one cross build of the dependency tree instead of two) and run several times faster under
+/// the emulator. Debug assertions and overflow checks are off there; the same tests run with
+/// them in the x86_64 suite.
 pub fn test(root: &Path, extra: &[String]) -> Result<i32, String> {
     ensure_packages()?;
     let mut cmd = cargo(root, "test");
-    cmd.args(["--workspace", "--lib", "--bins"]);
+    cmd.args(["--release", "--workspace", "--lib", "--bins"]);
     for e in EXCLUDED {
         cmd.args(["--exclude", e]);
     }

@@ -24,6 +24,12 @@ fn rounds() -> usize {
         .unwrap_or(5)
 }
 
+/// Seconds the test host may take for `boots` boots: the slowest row (QEMU's microvm) takes
+/// about 22 s a boot in the one-CPU test host, so 40 s each leaves room for a loaded machine.
+fn testbed_timeout(boots: usize) -> u32 {
+    (120 + 40 * boots).try_into().unwrap_or(u32::MAX)
+}
+
 /// The rows `$TANDEM_BENCH_ROWS` (comma-separated names) keeps, or all.
 fn wanted(name: &str) -> bool {
     std::env::var("TANDEM_BENCH_ROWS").map_or(true, |rows| rows.split(',').any(|r| r == name))
@@ -159,10 +165,8 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
             ));
         }
     }
-    eprintln!(
-        "bench: {} boots in one testbed run (a few minutes)",
-        rounds * configs.len()
-    );
+    let boots = rounds * configs.len();
+    eprintln!("bench: {boots} boots in one testbed run (about 10 s each)");
     let mut carry = vec![PathBuf::from(format!(
         "{}:/usr/bin/xtask-bench",
         me.display()
@@ -192,7 +196,7 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
             fc_configs.push(path);
         }
     }
-    let out = bench_dev::run_testbed_on(arch, &script, &carry, 850);
+    let out = bench_dev::run_testbed_on(arch, &script, &carry, testbed_timeout(boots));
     for p in &fc_configs {
         let _ = std::fs::remove_file(p);
     }
@@ -471,6 +475,14 @@ fn rss_outside_guest_ram(pid: u32, mem: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fifteen_rounds_of_every_row_fit_in_the_test_hosts_time() {
+        // 22 s: QEMU microvm's boot in the one-CPU test host, the slowest row measured.
+        let boots = 15 * configs(Arch::X86_64, true).len();
+        assert!(boots >= 15 * 9, "{boots}");
+        assert!(testbed_timeout(boots) as usize > boots * 22);
+    }
 
     #[test]
     fn exits_are_summed_over_vcpus_and_lines_without_them_ignored() {
