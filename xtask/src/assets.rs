@@ -62,6 +62,23 @@ const AARCH64_L1_MODULES: &[&str] = &[
     "nft_fib_ipv4",
 ];
 const BUSYBOX: &str = "busybox-static";
+/// nft for the aarch64 test host (tandem runs it for port forwards over TAP; the x86_64 tests
+/// carry this machine's own): its package and path there, then the packages of the libraries it
+/// loads (`nftables` needs `libnftables1` and `libedit2`, which need the rest).
+const AARCH64_NFT: &[(&str, &str)] = &[("nftables", "usr/sbin/nft")];
+const AARCH64_NFT_LIBS: &[&str] = &[
+    "libnftables1",
+    "libedit2",
+    "libgmp10",
+    "libjansson4",
+    "libmnl0",
+    "libnftnl11",
+    "libxtables12",
+    "libbsd0",
+    "libmd0",
+    "libtinfo6",
+    "libc6",
+];
 
 /// What one architecture's assets are made of.
 pub struct Recipe {
@@ -78,6 +95,10 @@ pub struct Recipe {
     l1_modules: &'static [&'static str],
     /// Whether the x86_64 extras are built: `vmlinux` and the rt-tests initramfs.
     x86_extras: bool,
+    /// Programs of the test host beyond busybox: (package, path in it), kept at that path.
+    l1_programs: &'static [(&'static str, &'static str)],
+    /// Packages whose runtime shared libraries the test host gets, for [`Recipe::l1_programs`].
+    l1_libs: &'static [&'static str],
 }
 
 /// The x86_64 testbed's assets.
@@ -92,6 +113,8 @@ pub const X86_64: Recipe = Recipe {
     ],
     l1_modules: KVM_MODULES,
     x86_extras: true,
+    l1_programs: &[],
+    l1_libs: &[],
 };
 
 /// The aarch64 testbed's assets: Debian's arm64 kernel (KVM built in) and busybox.
@@ -102,6 +125,8 @@ pub const AARCH64: Recipe = Recipe {
     kernels: &[("linux-image-arm64", "vmlinuz")],
     l1_modules: AARCH64_L1_MODULES,
     x86_extras: false,
+    l1_programs: AARCH64_NFT,
+    l1_libs: AARCH64_NFT_LIBS,
 };
 
 impl Recipe {
@@ -201,11 +226,17 @@ fn recipe_hash(r: &Recipe) -> u64 {
         .iter()
         .chain(crate::rtuser::PROGRAMS)
         .filter(|_| r.x86_extras);
+    let extras = r
+        .l1_programs
+        .iter()
+        .flat_map(|&(package, path)| [package, path])
+        .chain(r.l1_libs.iter().copied());
     [GUEST_INIT, UDHCPC_SCRIPT, BUSYBOX]
         .into_iter()
         .chain(kernels)
         .chain(modules)
         .chain(rt.copied())
+        .chain(extras)
         .chain(Some(r.apt_arch).filter(|a| !a.is_empty()))
         .for_each(&mut feed);
     h
@@ -231,6 +262,16 @@ fn build(root: &Path, work: &Path, r: &Recipe) -> Result<(), String> {
     pkgs.push((busybox_pkg.clone(), version));
     for p in crate::rtuser::PACKAGES.iter().filter(|_| r.x86_extras) {
         pkgs.push((p.to_string(), apt.candidate(p)?));
+    }
+    let extras: Vec<String> = r
+        .l1_programs
+        .iter()
+        .map(|&(package, _)| package)
+        .chain(r.l1_libs.iter().copied())
+        .map(|p| format!("{p}{}", r.apt_arch))
+        .collect();
+    for p in &extras {
+        pkgs.push((p.clone(), apt.candidate(p)?));
     }
     let files = fetch(&debs, &pkgs)?;
     std::thread::scope(|scope| {
@@ -295,12 +336,17 @@ fn build(root: &Path, work: &Path, r: &Recipe) -> Result<(), String> {
         )?;
     }
     eprintln!("testbed: building the test host's initramfs");
+    let extras = L1Extras {
+        recipe: r,
+        unpacked: &x,
+    };
     l1_base(
         &work.join("l1-base.cpio"),
         &userland,
         &mods,
         r.l1_modules,
         &guests,
+        &extras,
     )?;
 
     let mut manifest = format!(
@@ -387,20 +433,54 @@ fn guest_initramfs(dest: &Path, userland: &Userland, mods: &Modules) -> Result<(
     w.finish().and_then(Gzip::finish).map_err(err)
 }
 
+/// The test host's programs beyond busybox and their libraries, unpacked under `unpacked`.
+struct L1Extras<'a> {
+    recipe: &'a Recipe,
+    unpacked: &'a Path,
+}
+
+impl L1Extras<'_> {
+    /// Adds [`Recipe::l1_programs`] at their paths and the runtime libraries of
+    /// [`Recipe::l1_libs`] at theirs.
+    fn add<W: Write>(&self, w: &mut Writer<W>) -> Result<(), String> {
+        let r = self.recipe;
+        for &(package, path) in r.l1_programs {
+            let src = self
+                .unpacked
+                .join(format!("{package}{}", r.apt_arch))
+                .join(path);
+            w.file_from(path, &src)
+                .map_err(|e| format!("{}: {e}", src.display()))?;
+        }
+        for package in r.l1_libs {
+            let root = self.unpacked.join(format!("{package}{}", r.apt_arch));
+            let mut found = 0;
+            crate::rtuser::add_libs(w, &root, &root, &mut found)
+                .map_err(|e| format!("{}: {e}", root.display()))?;
+            if found == 0 {
+                return Err(format!("{package} holds no shared library"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The static part of the test host's initramfs: busybox, the modules `l1_modules` (their load
-/// order in `/etc/testbed/modules`) and everything in `guests` under `/guests`.
+/// order in `/etc/testbed/modules`), the `extras` and everything in `guests` under `/guests`.
 fn l1_base(
     dest: &Path,
     userland: &Userland,
     mods: &Modules,
     l1_modules: &[&str],
     guests: &Path,
+    extras: &L1Extras,
 ) -> Result<(), String> {
     let err = |e: std::io::Error| format!("writing {}: {e}", dest.display());
     // Uncompressed: the test host unpacks it in 0.4 s instead of 1.1 s for gzip -1 (measured).
     let file = fs::File::create(dest).map_err(err)?;
     let mut w = Writer::new(std::io::BufWriter::with_capacity(1 << 20, file));
     userland.add(&mut w).map_err(err)?;
+    extras.add(&mut w)?;
     let mut list = String::new();
     for name in mods.resolve(l1_modules)? {
         let path = format!("lib/modules/{}/{}", mods.release, mods.out_name(&name));

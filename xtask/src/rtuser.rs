@@ -49,7 +49,7 @@ pub fn initramfs(base: &Path, dest: &Path, unpacked: &Path) -> Result<(), String
 
 /// Adds the runtime libraries (files and symbolic links) under `dir`, a directory of the
 /// unpacked package at `root`, counting them in `found`.
-fn add_libs<W: std::io::Write>(
+pub fn add_libs<W: std::io::Write>(
     w: &mut Writer<W>,
     root: &Path,
     dir: &Path,

@@ -21,6 +21,11 @@ use kvm_ioctls::{Kvm, VmFd};
 /// on (an AMD return-stack erratum; Linux 6.4 and later, and stable kernels).
 const MITIGATE_SMT_RSB: &str = "/sys/module/kvm/parameters/mitigate_smt_rsb";
 
+/// Whether this architecture's KVM can leave exits to the guest at all. Arm's cannot: it has no
+/// `KVM_CAP_X86_DISABLE_EXITS` (nor another exit-disabling capability), and traps WFI and WFE
+/// as it sets them itself.
+const ARCH_HAS_EXIT_CONTROL: bool = cfg!(target_arch = "x86_64");
+
 /// The exits KVM can leave to the guest, in the order tandem names them.
 const EXITS: [(u32, &str); 4] = [
     (KVM_X86_DISABLE_EXITS_HLT, "hlt"),
@@ -255,6 +260,10 @@ fn refusal(exits: ExitSet, offer: &HostOffer) -> String {
         KVM_X86_DISABLE_EXITS_HLT | KVM_X86_DISABLE_EXITS_MWAIT | KVM_X86_DISABLE_EXITS_CSTATE,
     );
     if offer.disable_exits.is_none() {
+        if !ARCH_HAS_EXIT_CONTROL {
+            return "Arm has no exit-disabling capability (KVM traps WFI and WFE as it sets them)"
+                .into();
+        }
         return "it has no KVM_CAP_X86_DISABLE_EXITS (Linux 4.17 or later)".into();
     }
     if offer.mitigate_smt_rsb && !exits.and(SMT_RSB_BOUND).is_empty() {
@@ -286,7 +295,8 @@ pub fn decide(policy: &ExitPolicy, offer: &HostOffer) -> Result<Decision, Realti
     let mut warnings = Vec::new();
     let optional = policy.disable_exits_optional.minus(policy.disable_exits);
     let refused = optional.minus(offered);
-    if !refused.is_empty() {
+    // Where no kernel could offer them, the optional ones are no news worth a warning.
+    if !refused.is_empty() && (ARCH_HAS_EXIT_CONTROL || offer.disable_exits.is_some()) {
         warnings.push(format!("{refused} exits stay: {}", refusal(refused, offer)));
     }
     if policy.halt_poll_ns.is_some() && !offer.halt_poll {
@@ -391,19 +401,26 @@ mod tests {
         assert!(e.contains("mitigate_smt_rsb"), "{e}");
         let none = HostOffer::default();
         let e = decide(&hlt_pause, &none).unwrap_err().to_string();
-        assert!(
-            e.contains("hlt,pause") && e.contains("no KVM_CAP_X86_DISABLE_EXITS"),
-            "{e}"
-        );
-        // The realtime default only warns, even where nothing is offered.
+        let why = if ARCH_HAS_EXIT_CONTROL {
+            "no KVM_CAP_X86_DISABLE_EXITS"
+        } else {
+            "Arm has no exit-disabling capability"
+        };
+        assert!(e.contains("hlt,pause") && e.contains(why), "{e}");
+        // The realtime default only warns, even where nothing is offered; where nothing ever
+        // is (Arm), it says nothing.
         let d = decide(&ExitPolicy::REALTIME, &none).unwrap();
         assert_eq!(d.disable, ExitSet::NONE);
-        assert_eq!(d.warnings.len(), 1);
-        assert!(
-            d.warnings[0].starts_with("hlt,pause,mwait,cstate exits stay: "),
-            "{:?}",
-            d.warnings
-        );
+        if ARCH_HAS_EXIT_CONTROL {
+            assert_eq!(d.warnings.len(), 1);
+            assert!(
+                d.warnings[0].starts_with("hlt,pause,mwait,cstate exits stay: "),
+                "{:?}",
+                d.warnings
+            );
+        } else {
+            assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        }
         // Asking for nothing needs nothing.
         assert_eq!(
             decide(&ExitPolicy::default(), &none).unwrap(),
