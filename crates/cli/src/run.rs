@@ -107,7 +107,7 @@ pub struct RunArgs {
     channel: Vec<tandem_vmm::ChannelConfig>,
     /// How virtio devices reach the guest: pci (virtio-pci with MSI-X: interrupts cost the
     /// guest no exit) or mmio (virtio-mmio, announced in ACPI or the device tree; no PCI bus).
-    /// Default: pci on x86_64; mmio on aarch64, which has no virtio-pci yet.
+    /// Default: pci on x86_64; mmio on aarch64 (where virtio-pci needs the GICv3's ITS).
     #[arg(long, value_name = "pci|mmio", default_value = DEFAULT_TRANSPORT, value_parser = parse_transport)]
     virtio_transport: tandem_vmm::VirtioTransport,
     /// Check the arguments and the host (images, disks, ports, KVM, placement), then exit 0

@@ -2,7 +2,7 @@
 //! 12): a realtime VM on CPU 1 counting every 10 ms and a general VM on CPU 0. The general VM's
 //! process is killed with SIGKILL and restarted by its policy, while the realtime VM runs on,
 //! counting, in the same process; `tandem ps` shows the placement, `tandem down` ends it all.
-//! (Channels between arm64 partitions need virtio-pci and an ITS: not here yet.)
+//! (Channels between arm64 partitions: aarch64_pci.rs.)
 //!
 //! One test host session for the file; run it under the testbed lock like the other boot tests.
 

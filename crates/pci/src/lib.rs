@@ -4,10 +4,12 @@
 //!   guest write filtered through a write mask;
 //! - [`ivshmem`]: inter-VM shared memory, compatible with QEMU's ivshmem;
 //! - [`msix`]: MSI-X capability, table and pending bits, delivered through irqfds;
-//! - [`root`]: bus 0 behind a host bridge, on configuration mechanism #1 (ports 0xcf8-0xcff).
+//! - [`root`]: bus 0 behind a host bridge, on configuration mechanism #1 (ports 0xcf8-0xcff,
+//!   x86) or an ECAM window (Arm's device tree).
 //!
 //! BARs are placed by tandem before boot (Linux keeps placements that lie inside the host
-//! bridge's windows, which the DSDT announces) and do not move.
+//! bridge's windows, which the DSDT announces; on Arm the device tree asks it to probe only)
+//! and do not move.
 #![deny(missing_docs)]
 
 pub mod config;

@@ -71,6 +71,9 @@ pub enum VmError {
     /// Something asked for that this architecture does not have yet.
     #[error("{0} is not implemented on this architecture yet (tracked in issue 12)")]
     NotOnThisArch(&'static str),
+    /// Something needs MSI-X, which the host's interrupt controller cannot deliver.
+    #[error("{0} needs MSI-X, and this host's KVM has no GICv3 ITS to deliver it (see tandem doctor); use --virtio-transport mmio")]
+    NoMsi(&'static str),
     /// This build's architecture cannot boot VMs yet (see [`crate::arch`]).
     #[error("booting VMs on {0} is not implemented yet (tracked in issue 12)")]
     ArchNotImplemented(&'static str),
@@ -151,6 +154,7 @@ impl VmError {
             | VmError::Sandbox(tandem_sandbox::SandboxError::Unavailable(_))
             | VmError::Placement(_)
             | VmError::NotOnThisArch(_)
+            | VmError::NoMsi(_)
             | VmError::ArchNotImplemented(_) => true,
             VmError::Realtime(e) => !matches!(e, crate::realtime::RealtimeError::Enable { .. }),
             VmError::Jail(e) => e.is_user_error(),

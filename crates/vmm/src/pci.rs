@@ -1,4 +1,5 @@
-//! The VM's PCI bus: the root on configuration mechanism #1, BAR placement in the PCI window,
+//! The VM's PCI bus: the root (its configuration space where the architecture puts it: x86's
+//! ports 0xcf8-0xcff, Arm's ECAM window), BAR placement in the PCI window,
 //! and the devices on it: virtio devices on the virtio-pci transport (MSI-X vectors as irqfds,
 //! doorbells as ioeventfds) and inter-VM channels (ivshmem: BAR0 registers on the MMIO bus,
 //! BAR2 a KVM memory slot over the shared object, so data needs no exit at all).
@@ -11,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use tandem_pci::ivshmem::{DoorbellGate, DoorbellRoute, MSIX_BAR_SIZE, REGS_SIZE};
-use tandem_pci::root::{CONFIG_PORT, CONFIG_PORTS};
 use tandem_pci::{Ivshmem, PciRoot};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::DeviceBus;
 use crate::error::VmError;
-use crate::irq::GsiRoutes;
+use crate::irq::{requester_id, GsiRoutes};
 use crate::layout::{PCI_MMIO_END, PCI_MMIO_START};
 
 /// Smallest channel: one page.
@@ -331,12 +331,14 @@ impl PciDevices {
     ) -> Result<Arc<Mutex<VirtioPci>>, VmError> {
         let bar = self.place(virtio_pci::BAR_SIZE)?;
         let mut vectors = Vec::new();
+        let mut gsis = Vec::new();
         for _ in 0..VirtioPci::vectors_needed(device.as_ref()) {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(VmError::Device)?;
             let gsi = self.routes.alloc();
             vm.register_irqfd(&fd, gsi)
                 .map_err(VmError::kvm("KVM_IRQFD"))?;
             vectors.push(Vector::new(fd, gsi));
+            gsis.push(gsi);
         }
         let routes: Arc<dyn MsiRouter> = self.routes.clone();
         let transport = VirtioPci::new(device, mem.clone(), bar, vectors, routes, name)
@@ -353,6 +355,9 @@ impl PciDevices {
             .root
             .plug(transport.clone())
             .map_err(|e| VmError::Device(std::io::Error::other(e.to_string())))?;
+        for gsi in gsis {
+            self.routes.set_requester(gsi, requester_id(slot));
+        }
         tracing::info!("{name}: virtio-pci at 00:{slot:02x}.0, BAR0 {bar:#x}");
         Ok(transport)
     }
@@ -420,6 +425,7 @@ impl PciDevices {
                     vm.register_irqfd(&efd, gsi)
                         .map_err(VmError::kvm("KVM_IRQFD"))?;
                     let msi = self.routes.alloc();
+                    self.routes.set_requester(msi, requester_id(slot));
                     let vector = Vector::new(efd.try_clone().map_err(VmError::Device)?, msi);
                     let routes: Arc<dyn MsiRouter> = self.routes.clone();
                     let gate =
@@ -458,9 +464,10 @@ impl PciDevices {
         Ok(())
     }
 
-    /// Puts the root's configuration ports on `bus`; returns the mappings to keep alive.
+    /// Puts the root's configuration space on `bus` (where the architecture wants it); returns
+    /// the mappings to keep alive.
     pub fn finish(self, bus: &mut DeviceBus) -> Result<Vec<Arc<MmapRegion>>, VmError> {
-        bus.add_pio("pci-config", CONFIG_PORT, CONFIG_PORTS, self.root)?;
+        crate::arch::add_pci_root(bus, self.root)?;
         Ok(self.mappings)
     }
 }

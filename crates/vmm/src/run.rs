@@ -160,7 +160,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmError> {
     }
     let mut stats = crate::stats::Collector::new(vm.as_ref(), settings);
     // Kept until the vCPUs are configured (aarch64's GIC is initialised then).
-    let platform = arch::create_platform(&vm)?;
+    let platform = arch::create_platform(&vm, cfg)?;
 
     let mem = crate::placement::create_memory(&vm, cfg.memory, &cfg.placement)?;
 

@@ -9,9 +9,11 @@
 //! - `Platform`, `create_platform`, `init_vcpus`, `add_platform_devices`, `load_boot_images`,
 //!   `configure_vcpu`, `finish_platform`: the steps of building a VM that [`crate::run`]
 //!   calls, in that order;
+//! - `add_pci_root`: where the PCI bus's configuration space goes (x86_64: configuration
+//!   mechanism #1's ports; aarch64: the ECAM window of the device tree's host bridge);
 //! - `regs::dump_state`: a vCPU's registers for a failure report.
 //!
-//! `x86_64` and `aarch64` implement all of it (aarch64 without PCI so far, issue 12).
+//! `x86_64` and `aarch64` implement all of it.
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -1,7 +1,8 @@
 //! The flattened device tree the arm64 kernel learns the machine from (written with rust-vmm's
 //! `vm-fdt`): memory, CPUs (PSCI enable method), PSCI 0.2 over HVC, the GICv3, the architected
-//! timer, the 16550-compatible UART with `stdout-path`, the command line and initramfs, and one
-//! `virtio,mmio` node per virtio device.
+//! timer, the 16550-compatible UART with `stdout-path`, the command line and initramfs, one
+//! `virtio,mmio` node per virtio device, and for a VM with PCI devices a generic ECAM host
+//! bridge (with the GICv3's ITS as its MSI controller where there is one).
 
 use vm_fdt::{FdtWriter, FdtWriterNode};
 
@@ -21,6 +22,10 @@ const IRQ_TYPE_EDGE_RISING: u32 = 1;
 const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
 /// The GIC's phandle, every interrupt's parent.
 const GIC_PHANDLE: u32 = 1;
+/// The ITS's phandle, the PCI host bridge's MSI controller.
+const ITS_PHANDLE: u32 = 2;
+/// PCI `ranges` space code: 32-bit memory, not prefetchable.
+const PCI_SPACE_MEM32: u32 = 0x0200_0000;
 /// The UART's input clock, as on PC hardware (the 8250 driver needs one to compute divisors).
 const UART_CLOCK_HZ: u32 = 1_843_200;
 
@@ -41,6 +46,16 @@ pub struct FdtConfig<'a> {
     /// at boot and trusts as a bootloader's seed (as QEMU's `virt` machine passes one); many
     /// Arm CPUs have no random number instruction for the guest to seed from. Empty: no seed.
     pub rng_seed: &'a [u8],
+    /// The PCI host bridge, for a VM with PCI devices.
+    pub pci: Option<PciHost>,
+}
+
+/// What the device tree says of the PCI host bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHost {
+    /// Whether the VM has an ITS: the bridge's MSIs then go there (`msi-map`); without, its
+    /// devices have INTx only.
+    pub msi: bool,
 }
 
 /// Errors from building the device tree.
@@ -67,11 +82,15 @@ pub fn build(cfg: &FdtConfig<'_>) -> Result<Vec<u8>, FdtError> {
     memory(&mut w, cfg.memory)?;
     cpus(&mut w, cfg.mpidrs)?;
     psci(&mut w)?;
-    gic(&mut w, cfg.mpidrs.len())?;
+    let its = cfg.pci.is_some_and(|p| p.msi);
+    gic(&mut w, cfg.mpidrs.len(), its)?;
     timer(&mut w)?;
     uart(&mut w)?;
     for slot in cfg.virtio {
         virtio_mmio(&mut w, slot)?;
+    }
+    if let Some(host) = cfg.pci {
+        pci(&mut w, host)?;
     }
 
     w.end_node(root)?;
@@ -96,6 +115,12 @@ fn chosen(w: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError> {
     }
     if !cfg.rng_seed.is_empty() {
         w.property("rng-seed", cfg.rng_seed)?;
+    }
+    if cfg.pci.is_some() {
+        // tandem places every BAR itself and does not move them (KVM memory slots and
+        // ioeventfds sit at those addresses); without this, Linux reassigns every BAR of a
+        // generic host bridge.
+        w.property_u32("linux,pci-probe-only", 1)?;
     }
     w.end_node(n)?;
     Ok(())
@@ -138,7 +163,7 @@ fn psci(w: &mut FdtWriter) -> Result<(), FdtError> {
     Ok(())
 }
 
-fn gic(w: &mut FdtWriter, vcpus: usize) -> Result<(), FdtError> {
+fn gic(w: &mut FdtWriter, vcpus: usize, its: bool) -> Result<(), FdtError> {
     let (redist, redist_len) = layout::gic_redist_region(vcpus);
     let n = w.begin_node(&format!("intc@{:x}", layout::GIC_DIST_BASE))?;
     w.property_string("compatible", "arm,gic-v3")?;
@@ -161,6 +186,15 @@ fn gic(w: &mut FdtWriter, vcpus: usize) -> Result<(), FdtError> {
         &[GIC_PPI, MAINTENANCE_PPI, IRQ_TYPE_LEVEL_HIGH],
     )?;
     w.property_phandle(GIC_PHANDLE)?;
+    if its {
+        let i = w.begin_node(&format!("msi-controller@{:x}", layout::GIC_ITS_BASE))?;
+        w.property_string("compatible", "arm,gic-v3-its")?;
+        w.property_null("msi-controller")?;
+        w.property_u32("#msi-cells", 1)?;
+        w.property_array_u64("reg", &[layout::GIC_ITS_BASE, layout::GIC_ITS_SIZE])?;
+        w.property_phandle(ITS_PHANDLE)?;
+        w.end_node(i)?;
+    }
     w.end_node(n)?;
     Ok(())
 }
@@ -200,6 +234,61 @@ fn virtio_mmio(w: &mut FdtWriter, slot: &VirtioSlot) -> Result<(), FdtError> {
     // irqfd interrupts are edges: KVM raises and lowers the line at once.
     w.property_array_u32("interrupts", &[GIC_SPI, slot.gsi, IRQ_TYPE_EDGE_RISING])?;
     w.property_null("dma-coherent")?;
+    w.end_node(n)?;
+    Ok(())
+}
+
+/// The SPI (as GSI) of INTx pin `pin` (1-4: INTA-INTD) of PCI slot `slot`: INTA as
+/// [`layout::pci_intx_gsi`] says, the others rotated from it as PCI bridges swizzle them.
+pub fn pci_pin_gsi(slot: usize, pin: u32) -> u32 {
+    layout::PCI_INTX_GSI_BASE + (slot as u32 + pin.saturating_sub(1)) % 4
+}
+
+/// The generic ECAM host bridge (Linux's `pci-host-generic`): bus 0 to 15 in the ECAM window,
+/// the 32-bit memory window where tandem places BARs, and every slot's INTA-INTD to its SPI
+/// (`interrupt-map`, which depends only on the slot modulo 4); MSIs to the ITS, the requester
+/// ID as the device ID.
+fn pci(w: &mut FdtWriter, host: PciHost) -> Result<(), FdtError> {
+    let n = w.begin_node(&format!("pcie@{:x}", layout::PCI_ECAM_BASE))?;
+    w.property_string("compatible", "pci-host-ecam-generic")?;
+    w.property_string("device_type", "pci")?;
+    w.property_u32("#address-cells", 3)?;
+    w.property_u32("#size-cells", 2)?;
+    w.property_u32("#interrupt-cells", 1)?;
+    w.property_array_u64("reg", &[layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE])?;
+    w.property_array_u32("bus-range", &[0, layout::PCI_ECAM_BUSES - 1])?;
+    w.property_u32("linux,pci-domain", 0)?;
+    w.property_null("dma-coherent")?;
+    let start = layout::PCI_MMIO_START;
+    let size = layout::PCI_MMIO_END - layout::PCI_MMIO_START;
+    // (space, PCI address, CPU address, size): PCI and CPU addresses are the same.
+    w.property_array_u32(
+        "ranges",
+        &[
+            PCI_SPACE_MEM32,
+            (start >> 32) as u32,
+            start as u32,
+            (start >> 32) as u32,
+            start as u32,
+            (size >> 32) as u32,
+            size as u32,
+        ],
+    )?;
+    // Child unit address (phys.hi's device number), pin; GIC, its 2 address cells, its SPI.
+    // irqfd interrupts are edges, as for virtio-mmio.
+    w.property_array_u32("interrupt-map-mask", &[0x3 << 11, 0, 0, 7])?;
+    let mut map = Vec::new();
+    for slot in 0..4usize {
+        for pin in 1..=4u32 {
+            map.extend_from_slice(&[(slot as u32) << 11, 0, 0, pin, GIC_PHANDLE, 0, 0]);
+            map.extend_from_slice(&[GIC_SPI, pci_pin_gsi(slot, pin), IRQ_TYPE_EDGE_RISING]);
+        }
+    }
+    w.property_array_u32("interrupt-map", &map)?;
+    if host.msi {
+        // Requester IDs 0-0xffff map one to one to the ITS's device IDs.
+        w.property_array_u32("msi-map", &[0, ITS_PHANDLE, 0, 0x1_0000])?;
+    }
     w.end_node(n)?;
     Ok(())
 }

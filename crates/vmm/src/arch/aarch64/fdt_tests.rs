@@ -19,6 +19,7 @@ fn blob(mpidrs: &[u64], initrd: Option<(u64, u64)>, virtio: &[VirtioSlot]) -> Ve
         initrd,
         virtio,
         rng_seed: &[7; 64],
+        pci: None,
     })
     .unwrap()
 }
@@ -179,6 +180,7 @@ fn a_blob_too_large_for_the_kernel_is_refused() {
         initrd: None,
         virtio: &[],
         rng_seed: &[],
+        pci: None,
     })
     .unwrap_err();
     assert!(matches!(e, FdtError::TooLarge(_)), "{e}");
@@ -196,6 +198,7 @@ fn chosen_carries_the_random_seed_it_is_given() {
         initrd: None,
         virtio: &[],
         rng_seed: &[],
+        pci: None,
     })
     .unwrap();
     let fdt = fdt::Fdt::new(&empty).unwrap();
@@ -203,5 +206,145 @@ fn chosen_carries_the_random_seed_it_is_given() {
         .find_node("/chosen")
         .unwrap()
         .property("rng-seed")
+        .is_none());
+}
+
+fn with_pci(msi: bool) -> Vec<u8> {
+    build(&FdtConfig {
+        memory: 256 << 20,
+        mpidrs: &[0x8000_0000],
+        cmdline: "",
+        initrd: None,
+        virtio: &[],
+        rng_seed: &[],
+        pci: Some(PciHost { msi }),
+    })
+    .unwrap()
+}
+
+const PCI: &str = "/pcie@3f000000";
+
+#[test]
+fn the_pci_host_bridge_is_a_generic_ecam_one_with_the_bar_window() {
+    let b = with_pci(true);
+    let fdt = fdt::Fdt::new(&b).unwrap();
+    assert_eq!(
+        string(prop(&fdt, PCI, "compatible")),
+        "pci-host-ecam-generic"
+    );
+    assert_eq!(string(prop(&fdt, PCI, "device_type")), "pci");
+    assert_eq!(cells32(prop(&fdt, PCI, "#address-cells")), [3]);
+    assert_eq!(cells32(prop(&fdt, PCI, "#size-cells")), [2]);
+    assert_eq!(cells32(prop(&fdt, PCI, "#interrupt-cells")), [1]);
+    assert_eq!(
+        cells64(prop(&fdt, PCI, "reg")),
+        [layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE]
+    );
+    // 16 MiB of ECAM: buses 0 to 15.
+    assert_eq!(cells32(prop(&fdt, PCI, "bus-range")), [0, 15]);
+    assert!(fdt
+        .find_node(PCI)
+        .unwrap()
+        .property("dma-coherent")
+        .is_some());
+    // One 32-bit memory window, identity-mapped: where tandem places the BARs.
+    assert_eq!(
+        cells32(prop(&fdt, PCI, "ranges")),
+        [
+            0x0200_0000,
+            0,
+            0x1000_0000,
+            0,
+            0x1000_0000,
+            0,
+            0x3eff_0000 - 0x1000_0000
+        ]
+    );
+    // Linux keeps tandem's BAR placement instead of reassigning it.
+    assert_eq!(cells32(prop(&fdt, "/chosen", "linux,pci-probe-only")), [1]);
+}
+
+#[test]
+fn every_slots_intx_pins_map_to_the_spis_the_devices_raise() {
+    let b = with_pci(false);
+    let fdt = fdt::Fdt::new(&b).unwrap();
+    let mask = cells32(prop(&fdt, PCI, "interrupt-map-mask"));
+    assert_eq!(mask, [0x1800, 0, 0, 7]);
+    let map = cells32(prop(&fdt, PCI, "interrupt-map"));
+    // Each entry: phys.hi phys.mid phys.lo pin, GIC phandle, 2 GIC address cells, 3 SPI cells.
+    assert_eq!(map.len(), 16 * 10);
+    let gic = cells32(prop(&fdt, "/intc@8000000", "phandle"))[0];
+    let lookup = |slot: u32, pin: u32| -> Vec<u32> {
+        let key = [(slot << 11) & mask[0], 0, 0, pin & mask[3]];
+        map.chunks(10)
+            .find(|e| e[..4] == key)
+            .unwrap_or_else(|| panic!("no entry for slot {slot} pin {pin}"))[4..]
+            .to_vec()
+    };
+    // What tandem raises for slot s's INTA (an ivshmem doorbell) is what the guest expects.
+    for slot in [0u32, 1, 2, 3, 4, 5, 31] {
+        assert_eq!(
+            lookup(slot, 1),
+            [gic, 0, 0, 0, layout::pci_intx_gsi(slot as usize), 1],
+            "slot {slot}"
+        );
+        for pin in 1..=4 {
+            let spi = lookup(slot, pin)[4];
+            assert!(
+                (layout::PCI_INTX_GSI_BASE..layout::PCI_INTX_GSI_BASE + 4).contains(&spi),
+                "slot {slot} pin {pin}: SPI {spi}"
+            );
+            assert_eq!(spi, pci_pin_gsi(slot as usize, pin));
+        }
+    }
+    // Without an ITS: no MSI controller anywhere.
+    assert!(fdt.find_node(PCI).unwrap().property("msi-map").is_none());
+    assert!(fdt
+        .find_node("/intc@8000000/msi-controller@8080000")
+        .is_none());
+}
+
+#[test]
+fn with_an_its_the_bridges_msis_go_to_it_by_requester_id() {
+    let b = with_pci(true);
+    let fdt = fdt::Fdt::new(&b).unwrap();
+    let its = "/intc@8000000/msi-controller@8080000";
+    assert_eq!(string(prop(&fdt, its, "compatible")), "arm,gic-v3-its");
+    assert!(fdt
+        .find_node(its)
+        .unwrap()
+        .property("msi-controller")
+        .is_some());
+    assert_eq!(cells32(prop(&fdt, its, "#msi-cells")), [1]);
+    assert_eq!(
+        cells64(prop(&fdt, its, "reg")),
+        [layout::GIC_ITS_BASE, layout::GIC_ITS_SIZE]
+    );
+    // The GIC's children are addressed as the root's devices are.
+    assert_eq!(cells32(prop(&fdt, "/intc@8000000", "#address-cells")), [2]);
+    assert!(fdt
+        .find_node("/intc@8000000")
+        .unwrap()
+        .property("ranges")
+        .is_some());
+    let phandle = cells32(prop(&fdt, its, "phandle"))[0];
+    assert_eq!(
+        cells32(prop(&fdt, PCI, "msi-map")),
+        [0, phandle, 0, 0x1_0000]
+    );
+}
+
+#[test]
+fn without_pci_there_is_no_host_bridge_its_or_probe_only() {
+    let b = blob(&[0x8000_0000], None, &[]);
+    let fdt = fdt::Fdt::new(&b).unwrap();
+    assert!(fdt.find_node(PCI).is_none());
+    assert!(fdt
+        .find_node("/intc@8000000/msi-controller@8080000")
+        .is_none());
+    assert!(fdt
+        .find_node("/chosen")
+        .unwrap()
+        .property("linux,pci-probe-only")
         .is_none());
 }

@@ -8,6 +8,9 @@ use crate::irq::irqchip;
 
 /// First GSI above the SPIs tandem routes, where MSI routes start.
 pub const FIRST_MSI_GSI: u32 = SPI_COUNT;
+/// MSI routes name their device: KVM's ITS translates (device ID, event ID), and with an ITS
+/// KVM refuses to deliver an MSI without a device ID.
+pub const MSI_NEEDS_DEVID: bool = true;
 
 /// The default routes: GSI n to SPI n of the GIC (irqchip 0).
 pub fn default_routes() -> Vec<kvm_irq_routing_entry> {

@@ -2,7 +2,7 @@
 //! device trees know well): devices low, RAM from 1 GiB up.
 //!
 //! ```text
-//! 0x0800_0000  GIC distributor and redistributors (reserved for the GICv3)
+//! 0x0800_0000  GIC distributor, ITS (0x0808_0000) and redistributors (0x080a_0000)
 //! 0x0900_0000  UART, RTC (reserved for the platform's own devices)
 //! 0x0a00_0000  virtio-mmio windows, one page each
 //! 0x1000_0000  PCI BAR window, up to 0x3eff_0000
@@ -19,8 +19,12 @@ pub const GIC_BASE: u64 = 0x0800_0000;
 pub const GIC_DIST_BASE: u64 = GIC_BASE;
 /// Size of the distributor's registers.
 pub const GIC_DIST_SIZE: u64 = 0x1_0000;
-/// The redistributors, one [`GIC_REDIST_SIZE`] frame pair per vCPU (after QEMU's `virt`,
-/// which keeps the 512 KiB between for an ITS).
+/// The ITS's registers (its control frame and its translation frame, 64 KiB each), as on
+/// QEMU's `virt`.
+pub const GIC_ITS_BASE: u64 = 0x0808_0000;
+/// Size of the ITS's registers.
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// The redistributors, one [`GIC_REDIST_SIZE`] frame pair per vCPU (after QEMU's `virt`).
 pub const GIC_REDIST_BASE: u64 = 0x080a_0000;
 /// Size of one vCPU's redistributor (its RD and SGI frames).
 pub const GIC_REDIST_SIZE: u64 = 0x2_0000;
@@ -46,6 +50,8 @@ pub const PCI_MMIO_END: u64 = 0x3eff_0000;
 pub const PCI_ECAM_BASE: u64 = 0x3f00_0000;
 /// Size of the ECAM region.
 pub const PCI_ECAM_SIZE: u64 = 0x0100_0000;
+/// PCI buses the ECAM region covers (1 MiB each); tandem's devices are all on bus 0.
+pub const PCI_ECAM_BUSES: u32 = (PCI_ECAM_SIZE >> 20) as u32;
 /// Where guest RAM starts.
 pub const RAM_START: u64 = 0x4000_0000;
 /// Smallest guest memory tandem accepts.
@@ -62,7 +68,8 @@ pub const PCI_INTX_GSI_BASE: u32 = VIRTIO_IRQ_BASE + VIRTIO_MAX_DEVICES as u32;
 pub const SPI_COUNT: u32 = 64;
 
 const _: () = assert!(
-    GIC_DIST_BASE + GIC_DIST_SIZE <= GIC_REDIST_BASE
+    GIC_DIST_BASE + GIC_DIST_SIZE <= GIC_ITS_BASE
+        && GIC_ITS_BASE + GIC_ITS_SIZE <= GIC_REDIST_BASE
         && GIC_REDIST_BASE + MAX_VCPUS as u64 * GIC_REDIST_SIZE <= PLATFORM_MMIO_BASE
         && SERIAL_BASE + SERIAL_SIZE <= VIRTIO_MMIO_BASE
         && SERIAL_GSI < VIRTIO_IRQ_BASE

@@ -1,8 +1,9 @@
 //! The aarch64 parts of a VM: the in-kernel GICv3 and the architected timer, vCPUs with PSCI
 //! 0.2 (secondaries started by the guest's `CPU_ON`, power-off and reset as KVM system
 //! events), the arm64 `Image` boot protocol with a flattened device tree, and a
-//! 16550-compatible UART on MMIO. virtio devices use virtio-mmio; virtio-pci and inter-VM
-//! channels need a PCI host bridge (ECAM) and an ITS, not there yet (issue 12).
+//! 16550-compatible UART on MMIO. virtio devices use virtio-mmio, or virtio-pci behind a
+//! generic ECAM host bridge with MSI-X through the GICv3's ITS; inter-VM channels (ivshmem) sit
+//! on the same PCI bus, their doorbells on MSI-X or INTx.
 
 pub mod boot;
 pub mod fdt;
@@ -39,35 +40,56 @@ pub fn ensure_vm_support() -> Result<(), VmError> {
     Ok(())
 }
 
-/// Checks the boot images (an arm64 `Image`, a readable initramfs), the command line, and
-/// that nothing asks for PCI, which tandem does not have on aarch64 yet.
+/// Checks the boot images (an arm64 `Image`, a readable initramfs) and the command line.
 pub fn validate_boot(cfg: &VmConfig) -> Result<(), VmError> {
     boot::probe_kernel(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
         boot::initrd_size(initrd)?;
     }
     boot::check_cmdline(&cfg.cmdline)?;
-    if cfg.virtio_transport == VirtioTransport::Pci {
-        return Err(VmError::NotOnThisArch(
-            "virtio-pci (--virtio-transport pci)",
-        ));
-    }
-    if !cfg.channels.is_empty() {
-        return Err(VmError::NotOnThisArch("inter-VM channels (ivshmem on PCI)"));
-    }
     Ok(())
 }
 
-/// The VM-wide platform: the GIC, kept until every vCPU exists.
+/// The VM-wide platform: the GIC, kept until every vCPU exists, and the ITS of a VM with PCI
+/// devices.
 pub struct Platform {
     gic: gic::Gic,
+    its: Option<gic::Its>,
 }
 
-/// Creates the in-kernel GICv3 (before the vCPUs; initialised by [`init_vcpus`]).
-pub fn create_platform(vm: &VmFd) -> Result<Platform, VmError> {
-    Ok(Platform {
-        gic: gic::Gic::create(vm)?,
-    })
+/// Creates the in-kernel GICv3 (before the vCPUs; initialised by [`init_vcpus`]) and, when the
+/// VM may have PCI devices, its ITS. Without an ITS on the host, virtio-pci (MSI-X only) is
+/// refused, and channels' doorbells interrupt through INTx.
+pub fn create_platform(vm: &VmFd, cfg: &VmConfig) -> Result<Platform, VmError> {
+    let gic = gic::Gic::create(vm)?;
+    let virtio_pci = cfg.virtio_transport == VirtioTransport::Pci;
+    let its = if virtio_pci || !cfg.channels.is_empty() {
+        let its = gic::Its::create(vm)?;
+        if its.is_none() {
+            if virtio_pci {
+                return Err(VmError::NoMsi("virtio-pci (--virtio-transport pci)"));
+            }
+            tracing::warn!(
+                "this host's KVM has no GICv3 ITS: channel doorbells interrupt through INTx, not MSI-X"
+            );
+        }
+        its
+    } else {
+        None
+    };
+    Ok(Platform { gic, its })
+}
+
+/// Puts the PCI root's configuration space in the ECAM window the device tree's host bridge
+/// names.
+pub fn add_pci_root(bus: &mut DeviceBus, root: tandem_pci::PciRoot) -> Result<(), VmError> {
+    bus.add_mmio_shared(
+        "pci-ecam",
+        layout::PCI_ECAM_BASE,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(root)),
+    )?;
+    Ok(())
 }
 
 /// The UART on the MMIO bus, its interrupt an irqfd into its SPI. Power-off and reset come
@@ -101,6 +123,8 @@ pub struct Entry {
     pub fdt: u64,
     /// The initramfs's range, if any.
     pub initrd: Option<(u64, u64)>,
+    /// Whether the VM has a PCI bus (the device tree then has its host bridge).
+    pub pci: bool,
 }
 
 /// Loads the kernel and the initramfs; the device tree is written by [`finish_platform`],
@@ -109,7 +133,7 @@ pub fn load_boot_images(
     cfg: &VmConfig,
     mem: &GuestMemoryMmap,
     _virtio: &[VirtioSlot],
-    _pci: bool,
+    pci: bool,
 ) -> Result<Entry, VmError> {
     let kernel = boot::load_kernel(mem, &cfg.kernel)?;
     let initrd_size = cfg.initrd.as_deref().map(boot::initrd_size).transpose()?;
@@ -121,6 +145,7 @@ pub fn load_boot_images(
         pc: kernel.entry,
         fdt: place.fdt,
         initrd: place.initrd,
+        pci,
     };
     tracing::info!(?entry, kernel_end = kernel.end, "kernel loaded");
     Ok(entry)
@@ -151,7 +176,7 @@ pub fn configure_vcpu(
 
 /// Once every vCPU is configured: writes the device tree with the vCPUs' MPIDRs.
 pub fn finish_platform(
-    _platform: &Platform,
+    platform: &Platform,
     vcpus: &[VcpuFd],
     cfg: &VmConfig,
     mem: &GuestMemoryMmap,
@@ -169,6 +194,9 @@ pub fn finish_platform(
         initrd: entry.initrd,
         virtio,
         rng_seed: &rng_seed(),
+        pci: entry.pci.then_some(fdt::PciHost {
+            msi: platform.its.is_some(),
+        }),
     })
     .map_err(boot::BootError::from)?;
     mem.write_slice(&blob, GuestAddress(entry.fdt))

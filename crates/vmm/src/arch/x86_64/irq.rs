@@ -8,6 +8,8 @@ use crate::irq::irqchip;
 
 /// First GSI above the IOAPIC's pins, where MSI routes start.
 pub const FIRST_MSI_GSI: u32 = 24;
+/// MSI routes carry only the message: the LAPICs need no device ID.
+pub const MSI_NEEDS_DEVID: bool = false;
 
 /// KVM's default routes (what the in-kernel irqchip starts with): GSI n to IOAPIC pin n, and
 /// GSIs 0-15 to the PICs too.

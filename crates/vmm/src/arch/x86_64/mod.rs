@@ -56,12 +56,20 @@ pub fn validate_boot(cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Puts the PCI root's configuration space where x86 guests look for it: configuration
+/// mechanism #1, ports 0xcf8-0xcff.
+pub fn add_pci_root(bus: &mut DeviceBus, root: tandem_pci::PciRoot) -> Result<(), VmError> {
+    use tandem_pci::root::{CONFIG_PORT, CONFIG_PORTS};
+    bus.add_pio("pci-config", CONFIG_PORT, CONFIG_PORTS, root)?;
+    Ok(())
+}
+
 /// The VM-wide platform, once created: on x86_64 it is all in KVM, with nothing to keep.
 pub struct Platform;
 
 /// The VM-wide platform, before memory and vCPUs: KVM's TSS and identity-map pages, the
 /// in-kernel PIC and IOAPIC, and the PIT.
-pub fn create_platform(vm: &VmFd) -> Result<Platform, VmError> {
+pub fn create_platform(vm: &VmFd, _cfg: &VmConfig) -> Result<Platform, VmError> {
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
