@@ -558,7 +558,7 @@ impl Apt {
 }
 
 /// Downloads the packages missing from `debs` (one `apt-get download`), returning every `.deb`.
-fn fetch(debs: &Path, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn fetch(debs: &Path, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>, String> {
     let files: Vec<PathBuf> = pkgs
         .iter()
         .map(|(n, v)| {

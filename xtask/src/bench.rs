@@ -1,5 +1,6 @@
 //! `cargo xtask bench boot`: boot time and VMM memory overhead, tandem against Firecracker (built
-//! from source, see [`crate::firecracker`]) and QEMU, in one testbed run.
+//! from source, see [`crate::firecracker`]) and QEMU (on aarch64 Debian's arm64 build, see
+//! [`crate::qemu_aarch64`]), in one testbed run.
 //!
 //! Inside the test host, `xtask bench-run` (this same binary, carried in) starts each VMM,
 //! timestamps the moment the guest's marker appears on its console and the moment the process
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{assets, bench_dev, firecracker, tasks, Arch};
+use crate::{assets, bench_dev, firecracker, qemu_aarch64, tasks, Arch};
 
 /// Boots per row (`$TANDEM_BENCH_ROUNDS` overrides it, for tighter medians).
 fn rounds() -> usize {
@@ -61,8 +62,9 @@ fn cmdline(exec: &str) -> String {
     format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\"{exec}\"")
 }
 
-/// The VMMs compared, as (name, command line in the test host); Firecracker's rows when `fc`.
-fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
+/// The VMMs compared, as (name, command line in the test host); Firecracker's rows when `fc`,
+/// and on aarch64 QEMU's when `qemu` (on x86_64 this machine's QEMU is always carried in).
+fn configs(arch: Arch, fc: bool, qemu: bool) -> Vec<(&'static str, String)> {
     // For `sh -c '...'`: the marker's `$((40+2))` must reach the guest unexpanded.
     let quoted = |exec: &str| cmdline(exec).replace('"', "\\\"").replace('$', "\\$");
     let (append, fc_append) = (quoted(GUEST_EXEC), quoted(FC_GUEST_EXEC));
@@ -79,6 +81,20 @@ fn configs(arch: Arch, fc: bool) -> Vec<(&'static str, String)> {
         if fc {
             v.push(("firecracker-Image", firecracker(FC_CONFIG)));
             v.push(("firecracker-Image-entropy", firecracker(FC_CONFIG_ENTROPY)));
+        }
+        if qemu {
+            // The board's console is a PL011 (ttyAMA0); the other VMMs' is a 16550 (ttyS0).
+            let append = append.replace("console=ttyS0", "console=ttyAMA0");
+            v.push((
+                "qemu-virt",
+                qemu_aarch64::command(
+                    "/guests/vmlinuz",
+                    "/guests/initramfs.cpio.gz",
+                    &append,
+                    CPUS,
+                    MEM_MIB,
+                ),
+            ));
         }
         return v;
     }
@@ -143,6 +159,21 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
             None
         }
     };
+    // QEMU for the arm64 test host: Debian's arm64 package, unpacked and cached.
+    let qemu = if aarch64 && wanted("qemu-virt") {
+        match qemu_aarch64::bundle() {
+            Ok((dir, version)) => {
+                eprintln!("bench: QEMU row: Debian's qemu-system-arm:arm64 {version}");
+                Some(dir)
+            }
+            Err(e) => {
+                eprintln!("bench: no QEMU row ({e})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     // The in-host measurements are this program's: for an aarch64 test host, built for it.
     let me = if aarch64 {
         crate::aarch64::build(root)?;
@@ -152,7 +183,7 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
         assets::ensure(&assets::cache_root()?)?;
         std::env::current_exe().map_err(|e| e.to_string())?
     };
-    let mut configs = configs(arch, fc.is_some());
+    let mut configs = configs(arch, fc.is_some(), qemu.is_some());
     configs.retain(|(name, _)| wanted(name));
     let rounds = rounds();
     let mut script = String::from("set -u\n");
@@ -171,6 +202,9 @@ pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
         "{}:/usr/bin/xtask-bench",
         me.display()
     ))];
+    if let Some(dir) = &qemu {
+        carry.push(format!("{}:{}", dir.display(), qemu_aarch64::IN_HOST).into());
+    }
     let mut fc_configs = Vec::new();
     if let Some(bin) = &fc {
         carry.push(format!("{}:/usr/bin/firecracker", bin.display()).into());
@@ -308,7 +342,7 @@ fn print_table(arch: Arch, rounds: usize, names: &[&str], rows: &[Sample]) {
         ),
         Arch::Aarch64 => (
             "Debian's arm64 kernel (Image)",
-            "PSCI SYSTEM_OFF under both VMMs",
+            "PSCI SYSTEM_OFF under every VMM",
         ),
     };
     println!("boot benchmark: {rounds} boots each, {CPUS} vCPU, {MEM_MIB} MiB, {kernel} + busybox initramfs, in the nested testbed");
@@ -479,9 +513,39 @@ mod tests {
     #[test]
     fn fifteen_rounds_of_every_row_fit_in_the_test_hosts_time() {
         // 22 s: QEMU microvm's boot in the one-CPU test host, the slowest row measured.
-        let boots = 15 * configs(Arch::X86_64, true).len();
+        let boots = 15 * configs(Arch::X86_64, true, true).len();
         assert!(boots >= 15 * 9, "{boots}");
         assert!(testbed_timeout(boots) as usize > boots * 22);
+    }
+
+    #[test]
+    fn the_aarch64_qemu_row_boots_the_same_guest_on_its_own_console() {
+        let rows = configs(Arch::Aarch64, true, true);
+        let (_, tandem) = rows.iter().find(|(n, _)| *n == "tandem-Image").unwrap();
+        let (_, qemu) = rows.iter().find(|(n, _)| *n == "qemu-virt").unwrap();
+        assert!(tandem.contains("console=ttyS0 "), "{tandem}");
+        assert!(
+            qemu.contains(
+                r#"-append "console=ttyAMA0 reboot=k panic=-1 quiet tandem.exec=\"echo BOOT-MARKER-\$((40+2))\"""#
+            ),
+            "{qemu}"
+        );
+        for want in [
+            " -m 256M -smp 1 ",
+            " -kernel /guests/vmlinuz -initrd /guests/initramfs.cpio.gz ",
+            "-M virt,gic-version=3 -accel kvm -cpu host",
+        ] {
+            assert!(qemu.contains(want), "{want:?} not in {qemu}");
+        }
+        assert!(is_peer("qemu-virt"));
+        // Without the bundle, no row; the x86_64 rows do not depend on it.
+        assert!(!configs(Arch::Aarch64, true, false)
+            .iter()
+            .any(|(n, _)| n.starts_with("qemu")));
+        assert_eq!(
+            configs(Arch::X86_64, true, false).len(),
+            configs(Arch::X86_64, true, true).len()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod cpio;
 mod demo;
 mod firecracker;
 mod modules;
+mod qemu_aarch64;
 mod rtuser;
 mod tasks;
 mod testbed;
@@ -38,6 +39,7 @@ usage: cargo xtask demo [--port N] [--check] the end-to-end demo: a realtime and
                                             testbed; --trace: where boot time goes (initcalls, exits)
        cargo xtask bench boot --arch aarch64
                                             the same in the aarch64 testbed: tandem vs Firecracker
+                                            and QEMU (Debian's arm64 build)
        cargo xtask bench rt                 the reference RT guest's exits and latency: tandem vs QEMU
        cargo xtask testbed [OPTIONS] [--] [CMD [ARG]...]
 
