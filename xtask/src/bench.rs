@@ -151,7 +151,7 @@ fn is_peer(name: &str) -> bool {
 /// `cargo xtask bench boot [--arch aarch64]`.
 pub fn boot(root: &Path, arch: Arch) -> Result<i32, String> {
     let aarch64 = arch == Arch::Aarch64;
-    tasks::ensure_host_packages()?;
+    tasks::ensure_testbed_packages(arch)?;
     let fc = match firecracker::binary_for(aarch64) {
         Ok(bin) => Some(bin),
         Err(e) => {

@@ -7,8 +7,8 @@ use std::process::Command;
 use crate::{assets, testbed, Arch};
 
 /// Debian packages the host needs, with a command that proves each is there.
+/// QEMU itself is not listed: [`ensure_qemu_version`] installs it, from backports on Debian 12.
 const HOST_PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "qemu-system-x86_64"),
     ("seabios", "/usr/share/seabios/bios-256k.bin"),
     // dropbear (server, in guests) and dbclient (ssh client, in the test host) for the ssh test.
     ("dropbear-bin", "/usr/sbin/dropbear"),
@@ -111,44 +111,73 @@ pub fn ensure_testbed_packages(arch: Arch) -> Result<(), String> {
     }
 }
 
-/// Makes sure `qemu` (from Debian's `package`) is at least [`MIN_QEMU`], installing it from
-/// Debian's backports on Debian 12 when it is missing or older.
+/// How to get a QEMU of at least [`MIN_QEMU`], from what is installed (`None`: missing) and
+/// whether this is Debian 12.
+#[derive(Debug, PartialEq)]
+enum QemuPlan {
+    /// It is there and recent enough.
+    Keep,
+    /// Install the package from [`BACKPORTS`], along with the QEMU packages already installed
+    /// from there: Debian 12's own QEMU is too old, and its packages cannot mix with the
+    /// backports' (qemu-system-common is one version for every qemu-system-*).
+    Backports,
+    /// Install the package from the release's own archive (a later Debian).
+    Release,
+}
+
+fn qemu_plan(installed: Option<(u32, u32)>, bookworm: bool) -> QemuPlan {
+    match installed {
+        Some(v) if v >= MIN_QEMU => QemuPlan::Keep,
+        _ if bookworm => QemuPlan::Backports,
+        _ => QemuPlan::Release,
+    }
+}
+
+/// Makes sure `qemu` (from Debian's `package`) is at least [`MIN_QEMU`], installing it when it
+/// is missing or older (see [`QemuPlan`]).
 fn ensure_qemu_version((qemu, package): (&str, &str)) -> Result<(), String> {
     let need = format!("QEMU {}.{} or later", MIN_QEMU.0, MIN_QEMU.1);
-    match qemu_version(qemu) {
-        Some(v) if v >= MIN_QEMU => return Ok(()),
-        Some((a, b)) => eprintln!("xtask: the testbed needs {need}; this host has {a}.{b}"),
-        // Debian 12's own QEMU is too old: take the backport straight away.
-        None if have(qemu) || package == QEMU_X86_64.1 => {
-            return Err(format!("cannot read the version of {qemu}"))
-        }
-        None => eprintln!("xtask: the testbed needs {qemu}, {need}"),
+    let installed = qemu_version(qemu);
+    if installed.is_none() && have(qemu) {
+        return Err(format!("cannot read the version of {qemu}"));
     }
     let bookworm = std::fs::read_to_string("/etc/os-release")
         .is_ok_and(|s| s.lines().any(|l| l == "VERSION_CODENAME=bookworm"));
-    if !is_root() || !bookworm {
+    let plan = qemu_plan(installed, bookworm);
+    match installed {
+        _ if plan == QemuPlan::Keep => return Ok(()),
+        Some((a, b)) => eprintln!("xtask: the testbed needs {need}; this host has {a}.{b}"),
+        None => eprintln!("xtask: the testbed needs {qemu}, {need}"),
+    }
+    if !is_root() {
+        let from = if bookworm {
+            format!("on Debian 12: add {BACKPORTS} to APT's sources and apt-get install -t {BACKPORTS} {package}")
+        } else {
+            format!("apt-get install {package}")
+        };
         return Err(format!(
             "the testbed needs {need} (older TCG lets nested guests' XSETBV bypass KVM; see \
-             docs/testbed.md); on Debian 12, as root: add {BACKPORTS} to APT's sources and \
-             apt-get install -t {BACKPORTS} {package}"
+             docs/testbed.md); as root, {from}"
         ));
     }
-    let list = Path::new("/etc/apt/sources.list.d/tandem-backports.list");
-    std::fs::write(
-        list,
-        format!("deb http://deb.debian.org/debian {BACKPORTS} main\n"),
-    )
-    .map_err(|e| format!("cannot write {}: {e}", list.display()))?;
-    // With `-t`, apt also upgrades an installed qemu-user (the aarch64 unit tests' emulator)
-    // to the backport along with qemu-system-arm: keep the version installed.
-    let keep = installed_version("qemu-user").map(|v| format!("qemu-user={v}"));
-    let packages: Vec<&str> = std::iter::once(package).chain(keep.as_deref()).collect();
-    apt_install(&packages, Some(BACKPORTS))?;
+    if plan == QemuPlan::Release {
+        apt_install(&[package], None)?;
+    } else {
+        let list = Path::new("/etc/apt/sources.list.d/tandem-backports.list");
+        std::fs::write(
+            list,
+            format!("deb http://deb.debian.org/debian {BACKPORTS} main\n"),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", list.display()))?;
+        // With `-t`, apt also upgrades an installed qemu-user (the aarch64 unit tests' emulator)
+        // to the backport along with qemu-system-*: keep the version installed.
+        let keep = installed_version("qemu-user").map(|v| format!("qemu-user={v}"));
+        let packages: Vec<&str> = std::iter::once(package).chain(keep.as_deref()).collect();
+        apt_install(&packages, Some(BACKPORTS))?;
+    }
     match qemu_version(qemu) {
         Some(v) if v >= MIN_QEMU => Ok(()),
-        _ => Err(format!(
-            "installed {package} from {BACKPORTS}, but it is not {need}"
-        )),
+        _ => Err(format!("installed {package}, but it is not {need}")),
     }
 }
 
@@ -365,5 +394,18 @@ mod tests {
         );
         assert!(parse_qemu_version("QEMU emulator version 7.2.22") < Some(MIN_QEMU));
         assert_eq!(parse_qemu_version("no banner"), None);
+    }
+
+    #[test]
+    fn a_missing_qemu_comes_from_backports_on_debian_12_like_an_old_one() {
+        // The aarch64 testbed installs qemu-system-arm from backports, which brings the
+        // backports' qemu-system-common; Debian 12's own qemu-system-x86 cannot join it
+        // ("held broken packages"), so a missing x86 QEMU must come from backports too.
+        assert_eq!(qemu_plan(None, true), QemuPlan::Backports);
+        assert_eq!(qemu_plan(Some((7, 2)), true), QemuPlan::Backports);
+        assert_eq!(qemu_plan(Some((8, 2)), true), QemuPlan::Keep);
+        assert_eq!(qemu_plan(Some((10, 0)), false), QemuPlan::Keep);
+        assert_eq!(qemu_plan(None, false), QemuPlan::Release);
+        assert!(!HOST_PACKAGES.iter().any(|(p, _)| p.starts_with("qemu")));
     }
 }
