@@ -142,6 +142,7 @@ pub fn binary_for(aarch64: bool) -> Result<PathBuf, String> {
     for f in ["rust-toolchain.toml", "rust-toolchain"] {
         let _ = std::fs::remove_file(src_dir.join(f));
     }
+    ensure_build_packages()?;
     eprintln!("bench: building Firecracker {commit} for {target} (once; minutes)");
     let jobs = std::env::var("CARGO_BUILD_JOBS").unwrap_or_else(|_| "2".into());
     let mut cmd = if aarch64 {
@@ -183,6 +184,27 @@ pub fn binary_for(aarch64: bool) -> Result<PathBuf, String> {
     std::fs::create_dir_all(bin.parent().ok_or("bad path")?).map_err(|e| e.to_string())?;
     std::fs::copy(&built, &bin).map_err(|e| format!("{}: {e}", built.display()))?;
     Ok(bin)
+}
+
+/// Debian packages Firecracker's build needs: libclang for bindgen (userfaultfd-sys, the KVM
+/// bindings) with clang's own headers, and libseccomp's headers.
+const BUILD_PACKAGES: &[&str] = &["libclang1-14", "libclang-common-14-dev", "libseccomp-dev"];
+
+/// Installs the missing [`BUILD_PACKAGES`] as root; otherwise says what to install.
+fn ensure_build_packages() -> Result<(), String> {
+    let missing: Vec<&str> = BUILD_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| crate::tasks::installed_version(p).is_none())
+        .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false if crate::tasks::is_root() => crate::tasks::apt_install(&missing, None),
+        false => Err(format!(
+            "building Firecracker needs: sudo apt-get install {}",
+            missing.join(" ")
+        )),
+    }
 }
 
 /// `cmd` run under `nice -n 10`, with its arguments, environment and directory.

@@ -182,7 +182,7 @@ fn ensure_qemu_version((qemu, package): (&str, &str)) -> Result<(), String> {
 }
 
 /// The installed version of the Debian package `package`, if it is installed.
-fn installed_version(package: &str) -> Option<String> {
+pub fn installed_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${db:Status-Status} ${Version}", package])
         .output()
