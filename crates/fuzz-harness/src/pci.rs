@@ -37,8 +37,8 @@ struct DriverQueue {
 }
 
 /// A hostile driver against the virtio-pci transport and the PCI root: `data` is a sequence of
-/// 16-byte operations on configuration space (through ports 0xcf8/0xcfc, MSI-X control
-/// included), BAR0 (common configuration, ISR, device configuration, doorbells, MSI-X table and
+/// 16-byte operations on configuration space (through ports 0xcf8/0xcfc or an ECAM window,
+/// MSI-X control included), BAR0 (common configuration, ISR, device configuration, doorbells, MSI-X table and
 /// PBA), guest memory, and the rings (a complete bring-up as Linux does it, descriptors
 /// anywhere, offered heads, avail index jumps), with queue notifications served in between.
 /// The device is virtio-blk over an in-memory disk, or virtio-rng when `data[0]` is odd.
@@ -161,16 +161,29 @@ pub fn virtio_pci(data: &[u8]) {
     }
 }
 
-/// One configuration access through the root's ports, as `op` says: bytes 2-5 select the
-/// address (bus 0, slot 1, a register, or anything else), byte 6 the data port's byte, byte 7
-/// read or write, bytes 8-11 the value; `len` bytes (at most 4).
+/// One configuration access, as `op` says: through the root's ports (bytes 2-5 select the
+/// address: bus 0, slot 1, a register, or anything else; byte 6 the data port's byte), or, when
+/// byte 6's bit 2 is set, through an ECAM window as on Arm (bytes 2-5 the offset in its 16
+/// MiB); byte 7 read or write, bytes 8-11 the value; `len` bytes (at most 4 through the ports,
+/// up to 8 through ECAM, as a 64-bit load or store would).
 pub(crate) fn config_access(root: &mut PciRoot, op: &[u8], len: usize) {
     let word = |i: usize| u32::from_le_bytes([op[i], op[i + 1], op[i + 2], op[i + 3]]);
+    let value = u64::from(word(8)) * 0x1_0000_0001;
+    if op[6] & 4 != 0 {
+        let offset = u64::from(word(2)) % (16 << 20);
+        if op[7] & 1 == 0 {
+            root.ecam_write(offset, &value.to_le_bytes()[..len]);
+        } else {
+            let mut b = [0u8; 8];
+            root.ecam_read(offset, &mut b[..len]);
+        }
+        return;
+    }
     root.write(0, &word(2).to_le_bytes());
     let port = 4 + u64::from(op[6] & 3);
     let n = len.min(4);
     if op[7] & 1 == 0 {
-        root.write(port, &word(8).to_le_bytes()[..n]);
+        root.write(port, &value.to_le_bytes()[..n]);
     } else {
         let mut b = [0u8; 4];
         root.read(port, &mut b[..n]);
@@ -278,5 +291,37 @@ mod tests {
             .read_obj(GuestAddress(ring_base(0) + 0x2008))
             .expect("used len");
         assert_eq!((used_idx, used_len), (1, 64));
+    }
+
+    /// Both ways into configuration space reach the device: a command-register write through
+    /// the ports and one through ECAM each land in slot 1's configuration space.
+    #[test]
+    fn config_accesses_reach_the_device_through_ports_and_ecam() {
+        let device = Box::new(tandem_virtio::Rng::new());
+        let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("memory");
+        let vectors = (0..VirtioPci::vectors_needed(device.as_ref()))
+            .map(|i| Vector::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"), 24 + i as u32))
+            .collect();
+        let d = VirtioPci::new(device, mem, 0, vectors, Arc::new(NoRoutes), "t").expect("device");
+        let mut root = PciRoot::new();
+        root.plug(Arc::new(Mutex::new(d))).expect("slot");
+        let command = |root: &mut PciRoot| {
+            let mut b = [0u8; 2];
+            root.ecam_read(1 << 15 | 4, &mut b);
+            u16::from_le_bytes(b)
+        };
+        let mut op = [0u8; 16];
+        // Ports: address 0x8000_0804 (bus 0, slot 1, register 4), data port byte 0, memory
+        // space enabled.
+        op[2..6].copy_from_slice(&0x8000_0804u32.to_le_bytes());
+        op[8] = 2;
+        config_access(&mut root, &op, 2);
+        assert_eq!(command(&mut root) & 7, 2);
+        // ECAM: offset 1 << 15 | 4, bus master enabled as well.
+        op[2..6].copy_from_slice(&(1u32 << 15 | 4).to_le_bytes());
+        op[6] = 4;
+        op[8] = 6;
+        config_access(&mut root, &op, 2);
+        assert_eq!(command(&mut root) & 7, 6);
     }
 }
