@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script_on, Arch, FIND_IVSHMEM};
+use common::{case, channel_pair_config, exec_cmdline, run_script_on, Arch, FIND_IVSHMEM};
 
 /// Interrupts of `/proc/interrupts` lines from `chip` whose name ends with `name`: the most any
 /// one line took, summed over its CPUs' columns.
@@ -58,8 +58,7 @@ fn virtio_pci_uses_msix_through_the_its_and_a_channel_doorbell_wakes_the_other_a
          while [ $(devmem $shm 32) != 0xB0B0B0B0 ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; \
          devmem $((shm + 4)) 32 0x600dd00d; devmem $((regs + 12)) 32 0x10000; echo a-rang; sleep 600"
     ));
-    // The config holds the command lines as TOML basic strings.
-    let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let config = channel_pair_config("/tmp/c.toml", &ringer, &waiter);
     let script = format!(
         r#"
 mkdir -p /tmp/www && echo pci-net-ok > /tmp/www/hello
@@ -68,29 +67,7 @@ truncate -s 64M /tmp/pci.img
 run_case pci --kernel $G/vmlinuz --initrd $G/initramfs.cpio.gz --memory 256M --cpus 2 --virtio-transport pci --rng on --disk path=/tmp/pci.img --net user --console file:/tmp/hvc.log --cmdline '{pci_guest}'
 record hvc cat /tmp/hvc.log
 record image sh -c 'head -c 16 /tmp/pci.img; echo'
-cat >/tmp/c.toml <<'TOML'
-[[vm]]
-name = "a"
-kernel = "/guests/vmlinuz"
-initrd = "/guests/initramfs.cpio.gz"
-cmdline = "{ringer}"
-memory = "256M"
-cpus = [0]
-
-[[vm]]
-name = "b"
-kernel = "/guests/vmlinuz"
-initrd = "/guests/initramfs.cpio.gz"
-cmdline = "{waiter}"
-memory = "256M"
-cpus = [1]
-
-[[channel]]
-name = "bell"
-size = "64K"
-members = ["a", "b"]
-TOML
-ST="--state-dir /tmp/st"
+{config}ST="--state-dir /tmp/st"
 tandem up /tmp/c.toml $ST >/tmp/up.out 2>&1 &
 sup=$!
 i=0; while [ $i -lt 240 ] && ! grep -q b-woke /tmp/up.out; do sleep 0.5; i=$((i+1)); done
@@ -103,8 +80,6 @@ tandem down $ST >/dev/null 2>&1
 wait $sup
 record up cat /tmp/up.out
 "#,
-        ringer = toml_basic(&ringer),
-        waiter = toml_basic(&waiter),
     );
     let (cases, all) = run_script_on(Arch::Aarch64, &script, &[]);
 

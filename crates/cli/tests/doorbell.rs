@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{case, exec_cmdline, run_script, FIND_IVSHMEM};
+use common::{case, channel_pair_config, exec_cmdline, run_script, FIND_IVSHMEM};
 
 #[test]
 fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
@@ -32,40 +32,15 @@ fn a_doorbell_wakes_a_process_blocked_in_the_other_guest() {
          j=0; while [ $j -lt 200 ]; do devmem $((regs + 12)) 32 0x10000; j=$((j+1)); done; \
          devmem $shm 32 0xd0d0d0d0; echo a-rang-200; sleep 3"
     ));
-    // The config holds the command lines as TOML basic strings.
-    let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let config = channel_pair_config("/tmp/d.toml", &ringer, &waiter);
     let script = format!(
         r#"
-cat >/tmp/d.toml <<'TOML'
-[[vm]]
-name = "a"
-kernel = "/guests/vmlinuz"
-initrd = "/guests/initramfs.cpio.gz"
-cmdline = "{ringer}"
-memory = "256M"
-cpus = [0]
-
-[[vm]]
-name = "b"
-kernel = "/guests/vmlinuz"
-initrd = "/guests/initramfs.cpio.gz"
-cmdline = "{waiter}"
-memory = "256M"
-cpus = [1]
-
-[[channel]]
-name = "bell"
-size = "64K"
-members = ["a", "b"]
-TOML
-# In the background: the command returns once the supervisor answers on its socket.
+{config}# In the background: the command returns once the supervisor answers on its socket.
 record detach tandem up /tmp/d.toml --detach --state-dir /tmp/dst
 # The supervisor ends by itself when both VMs have powered off; its socket goes with it.
 i=0; while [ $i -lt 400 ] && [ -e /tmp/dst/control.sock ]; do sleep 0.5; i=$((i+1)); done
 record up cat /tmp/dst/supervisor.log
 "#,
-        ringer = toml_basic(&ringer),
-        waiter = toml_basic(&waiter),
     );
     let (cases, all) = run_script(&script);
     let up = &case(&cases, &all, "up").output;

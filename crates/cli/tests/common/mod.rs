@@ -273,6 +273,26 @@ pub fn exec_cmdline(cmd: &str) -> String {
     format!("console=ttyS0 reboot=k panic=-1 quiet tandem.exec=\"{cmd}\"")
 }
 
+/// Shell lines that write a `tandem up` config to `path`: VM "a" on CPU 0 booting with command
+/// line `ringer`, VM "b" on CPU 1 with `waiter` (the stock guests, 256 MiB each), and a 64 KiB
+/// channel "bell" between them.
+pub fn channel_pair_config(path: &str, ringer: &str, waiter: &str) -> String {
+    // The config holds the command lines as TOML basic strings.
+    let toml_basic = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let vm = |name: &str, cmdline: &str, cpu: u32| {
+        format!(
+            "[[vm]]\nname = \"{name}\"\nkernel = \"/guests/vmlinuz\"\ninitrd = \"/guests/initramfs.cpio.gz\"\n\
+             cmdline = \"{}\"\nmemory = \"256M\"\ncpus = [{cpu}]\n\n",
+            toml_basic(cmdline)
+        )
+    };
+    format!(
+        "cat >{path} <<'TOML'\n{}{}[[channel]]\nname = \"bell\"\nsize = \"64K\"\nmembers = [\"a\", \"b\"]\nTOML\n",
+        vm("a", ringer, 0),
+        vm("b", waiter, 1)
+    )
+}
+
 /// Sum of the "System RAM" ranges in a /proc/iomem dump.
 pub fn system_ram_bytes(iomem: &str) -> u64 {
     iomem
