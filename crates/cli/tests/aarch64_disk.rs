@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use common::{case, exec_cmdline, guests_dir, run_script_on, Arch, Case};
+use common::{case, exec_cmdline, guests_dir, run_script_on, sha_after, Arch, Case};
 
 type Session = (HashMap<String, Case>, String);
 
@@ -52,14 +52,6 @@ run_case x86 --kernel {X86_KERNEL}
         let x86 = format!("{}:{X86_KERNEL}", guests_dir().join("vmlinuz-rt").display());
         run_script_on(Arch::Aarch64, &script, &[&x86])
     })
-}
-
-/// The sha256 printed after `label` in `text`.
-fn sha_after<'a>(text: &'a str, label: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .filter(|h| h.len() == 64)
 }
 
 #[test]

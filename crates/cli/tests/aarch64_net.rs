@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use common::{case, exec_cmdline, run_script_on, Arch, Case};
+use common::{case, exec_cmdline, run_script_on, sha_after, Arch, Case};
 
 type Session = (HashMap<String, Case>, String);
 
@@ -93,14 +93,6 @@ record term sh -c 'cat /tmp/fwd.err; nft list tables; echo tables-listed; cat /t
         );
         run_script_on(Arch::Aarch64, &script, &[])
     })
-}
-
-/// The sha256 printed after `label` in `text`.
-fn sha_after<'a>(text: &'a str, label: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .filter(|h| h.len() == 64)
 }
 
 #[test]

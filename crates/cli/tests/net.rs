@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use common::{case, exec_cmdline, run_script_with, Case};
+use common::{case, exec_cmdline, run_script_with, sha_after, Case};
 
 type Session = (HashMap<String, Case>, String);
 
@@ -85,14 +85,6 @@ run_case busy $BOOT --forward tcp:8000:80
         let stub = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/dns-stub");
         run_script_with(&script, &[&format!("{stub}:/usr/bin/dns-stub")])
     })
-}
-
-/// The sha256 printed after `label` in `all`.
-fn sha_after<'a>(all: &'a str, label: &str) -> Option<&'a str> {
-    all.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .filter(|h| h.len() == 64)
 }
 
 #[test]

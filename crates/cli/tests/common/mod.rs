@@ -293,6 +293,14 @@ pub fn channel_pair_config(path: &str, ringer: &str, waiter: &str) -> String {
     )
 }
 
+/// The sha256 printed after `label` in `text` (the first line starting with it).
+pub fn sha_after<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .filter(|h| h.len() == 64)
+}
+
 /// Sum of the "System RAM" ranges in a /proc/iomem dump.
 pub fn system_ram_bytes(iomem: &str) -> u64 {
     iomem
